@@ -1,0 +1,7 @@
+"""``python -m lib_colorize``: see :mod:`lib_colorize.cli`."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Per-generation conditioning: sketch hints, reference tokens, the injection latent, and the plan.
+
+These run once per generation (the sketch encoder once more per hires pass), never per step (issue 6).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .denoiser import GenerationPlan, InjectionPlan
+from .guidance import guidance_mode
+from .models import LATENT_SCALE
+from .options import ColorizeOptions
+
+LOCAL_TOKENS = 256
+
+
+def _param_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+@torch.no_grad()
+def encode_sketch_hints(sketch_encoder: torch.nn.Module, sketch: torch.Tensor, strength: float,
+                        injection_reference: Optional[torch.Tensor] = None,
+                        injection_sketch_fidelity: float = 0.0, stats: Optional[dict] = None):
+    """Hints of the sketch, of the blank sketch and (injection) of the negated reference, in ONE encoder call.
+
+    ``sketch``: (1,3,H,W) in the sketch domain. The unconditional sketch is ``-1`` everywhere (a blank page,
+    method §3); its hints are not zero. Sketch strength ``k_ctl`` scales both (§3); the injection hints are
+    scaled by the sketch fidelity κ instead (§6.1) and skipped entirely when κ = 0.
+    Returns ``(sketch_hints, blank_hints, injection_hints | None)``, each a list of 5 (1,C,h,w) tensors.
+    """
+    batch = [sketch, -torch.ones_like(sketch)]
+    use_injection_hints = injection_reference is not None and injection_sketch_fidelity != 0.0
+    if use_injection_hints:
+        batch.append(-injection_reference.to(sketch))
+    device = next(sketch_encoder.parameters()).device
+    hints = sketch_encoder(torch.cat(batch).to(device=device, dtype=_param_dtype(sketch_encoder)))
+    if stats is not None:
+        stats["sketch_encoder_calls"] = stats.get("sketch_encoder_calls", 0) + 1
+    sketch_hints = [h[0:1] * strength for h in hints]
+    blank_hints = [h[1:2] * strength for h in hints]
+    injection_hints = [h[2:3] * injection_sketch_fidelity for h in hints] if use_injection_hints else None
+    return sketch_hints, blank_hints, injection_hints
+
+
+@torch.no_grad()
+def reference_tokens(encode_full: Callable[[torch.Tensor], torch.Tensor], reference: Optional[torch.Tensor],
+                     manipulations: Sequence = (), encode_text: Optional[Callable] = None,
+                     context_dim: Optional[int] = None) -> torch.Tensor:
+    """Cross-attention context from the reference (method §2.3): full tokens, manipulated, cls dropped.
+
+    ``encode_full`` maps (1,3,H,W) in [-1,1] to (1, 1+N, D) (cached per image content by the caller).
+    No reference: 256 zero tokens of width ``context_dim``.
+    """
+    if reference is None:
+        if context_dim is None:
+            raise ValueError("context_dim is needed when there is no reference")
+        return torch.zeros(1, LOCAL_TOKENS, context_dim)
+    full = encode_full(reference)
+    if manipulations:
+        from .manipulation import apply_manipulations
+        full = apply_manipulations(full, manipulations, encode_text)
+    return full[:, 1:]
+
+
+@torch.no_grad()
+def injection_latent(vae_encode: Callable[[torch.Tensor], object], reference_resized: torch.Tensor,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``r = 0.18215 · VAE(reference resized to (H, W)).sample()`` with CPU noise (method §6.1)."""
+    posterior = vae_encode(reference_resized)
+    noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
+    sample = posterior.mean + posterior.std * noise.to(posterior.mean)
+    return LATENT_SCALE * sample
+
+
+def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: list, tokens: torch.Tensor,
+               injection: Optional[InjectionPlan] = None) -> GenerationPlan:
+    """The plan of one generation from validated options and prepared tensors."""
+    return GenerationPlan(
+        mode=guidance_mode(options.reference_guidance, options.sketch_guidance),
+        reference_guidance=options.reference_guidance,
+        sketch_guidance=options.sketch_guidance,
+        reference_tokens=tokens,
+        sketch_hints=sketch_hints,
+        blank_hints=blank_hints,
+        window=(options.guidance_start, options.guidance_end, options.no_guidance_start,
+                options.no_guidance_end),
+        injection=injection,
+    )

@@ -1,0 +1,247 @@
+"""Host-free colorization: a ColorizeDiffusion checkpoint + OpenCLIP, no webui.
+
+:class:`Colorizer` loads the models once and colorizes many sketches; a folder run encodes its one reference
+once (the token cache is keyed by image content). It drives the same core as the webui adapter:
+:mod:`~lib_colorize.conditioning` prepares the plan, :class:`~lib_colorize.hooks.ColorizeHooks` modifies the
+U-Net for the generation only, :func:`~lib_colorize.denoiser.guided_call` is the denoiser, and the samplers are
+:mod:`lib_colorize.samplers` on the model's own noise schedule.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from PIL import Image
+
+from . import conditioning
+from .denoiser import InjectionPlan, guided_call
+from .errors import InvalidInput
+from .guidance import cross_attention_scales
+from .hooks import ColorizeHooks
+from .models import LATENT_SCALE
+from .options import ColorizeOptions
+from .preprocess import (check_resolution, crop_to_box, default_size_for, image_to_tensor,
+                         pad_reference_with_margin, prepare_sketch, reference_for_injection, tensor_to_images)
+from .samplers import STOCHASTIC_SAMPLERS, get_sampler, initial_noise, seeded_generators
+from .schedule import NoiseSchedule, make_denoiser
+
+MAX_SEED = 2 ** 32 - 1
+NATIVE_SIZE = {"v1": 512, "v1.5": 512, "v2": 768}
+
+
+@dataclass
+class SamplingOptions:
+    """What the webui owns in its own UI (sampler, steps, seed, size, batch); the CLI exposes the same."""
+
+    sampler: str = "DPM++ 2M"
+    schedule: str = "Automatic"
+    steps: int = 20
+    seed: int = -1
+    width: Optional[int] = None
+    height: Optional[int] = None
+    batch_size: int = 1
+
+    def resolved_seed(self) -> int:
+        return self.seed if self.seed >= 0 else random.randint(0, MAX_SEED)
+
+    def check(self) -> None:
+        try:
+            get_sampler(self.sampler, self.schedule)
+        except ValueError as error:
+            raise InvalidInput("sampler", str(error)) from None
+        if not 1 <= self.steps <= 150:
+            raise InvalidInput("steps", f"{self.steps} is out of range [1, 150]")
+        if not 1 <= self.batch_size <= 8:
+            raise InvalidInput("batch_size", f"{self.batch_size} is out of range [1, 8]")
+        if not -1 <= self.seed <= MAX_SEED:
+            raise InvalidInput("seed", f"{self.seed} is out of range [-1, {MAX_SEED}]")
+
+
+@dataclass
+class ColorizeResult:
+    images: list                                # PIL images (cropped when crop_result)
+    latents: torch.Tensor                       # final latents (B, 4, h, w)
+    seed: int
+    width: int
+    height: int
+    sketch: Optional[Image.Image] = None        # the line art the model saw (return_sketch)
+    heatmap: Optional[Image.Image] = None       # manipulation heat map (return_heatmap)
+    stats: dict = field(default_factory=dict)
+
+
+class Colorizer:
+    """Loaded models of one checkpoint; :meth:`colorize` is one generation."""
+
+    def __init__(self, checkpoint, clip, *, device="cpu", dtype=torch.float32, models_dir=None,
+                 allow_download: bool = True, token_cache=None):
+        from .models.clip import ReferenceTokenCache
+
+        self.checkpoint = checkpoint
+        self.unet, self.vae, self.sketch_encoder = checkpoint.unet, checkpoint.vae, checkpoint.sketch_encoder
+        self.clip = clip
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.models_dir = models_dir
+        self.allow_download = allow_download
+        self.schedule = NoiseSchedule.scaled_linear()
+        self.token_cache = token_cache if token_cache is not None else ReferenceTokenCache()
+        self.stats = {"sketch_encoder_calls": 0}
+
+    @classmethod
+    def from_files(cls, checkpoint_path, *, clip_arch="ViT-H-14", clip_weights=None, models_dir=None,
+                   device="cpu", dtype=torch.float32, allow_download=True) -> "Colorizer":
+        from .checkpoint import load_checkpoint
+        from .models.clip import load_clip
+
+        checkpoint = load_checkpoint(checkpoint_path, dtype=dtype, device=device)
+        clip = load_clip(clip_arch, weights=clip_weights, models_dir=models_dir, allow_download=allow_download,
+                         device=device, dtype=torch.float32)
+        return cls(checkpoint, clip, device=device, dtype=dtype, models_dir=models_dir,
+                   allow_download=allow_download)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def parameterization(self) -> str:
+        return self.checkpoint.info.parameterization
+
+    @property
+    def native_size(self) -> int:
+        return NATIVE_SIZE.get(self.checkpoint.info.version, 512)
+
+    def output_size(self, options: ColorizeOptions, sampling: SamplingOptions) -> tuple[int, int]:
+        """(W, H): given, or the sketch's aspect ratio at the model's native size (multiples of 64)."""
+        if sampling.width and sampling.height:
+            width, height = sampling.width, sampling.height
+        else:
+            width, height = default_size_for(options.sketch.size, native=self.native_size)
+            width, height = sampling.width or width, sampling.height or height
+        check_resolution(width, height)
+        return width, height
+
+    def encode_reference_full(self, image: torch.Tensor) -> torch.Tensor:
+        encoder = self.clip.reference
+        tokens = self.token_cache.get_or_encode(encoder, image.to(encoder.device, encoder.dtype))
+        return tokens.to(self.device, self.dtype)
+
+    def encode_text(self, texts):
+        self.clip.text.validate(texts)
+        return self.clip.text.encode(list(texts)).to(self.device, self.dtype)
+
+    def extractor(self, options: ColorizeOptions) -> Callable:
+        from .extractors import extract_lines
+
+        def extract(image: Image.Image, size: int) -> torch.Tensor:
+            return extract_lines(options.line_extractor, image, size, models_dir=self.models_dir,
+                                 device=self.device, allow_download=self.allow_download)
+        return extract
+
+    def reference_tokens(self, options: ColorizeOptions) -> torch.Tensor:
+        reference = None
+        if options.reference is not None:
+            reference = image_to_tensor(pad_reference_with_margin(options.reference, options.pad_reference))
+        return conditioning.reference_tokens(
+            self.encode_reference_full, reference, options.active_manipulations,
+            self.encode_text if self.clip.text is not None else None,
+            context_dim=self.unet.config.context_dim).to(self.device, self.dtype)
+
+    def heatmap(self, options: ColorizeOptions, control: Optional[str] = None,
+                thresholds=None) -> Image.Image:
+        """The manipulation heat map of the reference (method §7.5): saved groups applied, the last group's
+        control prompt and thresholds shown (or the given ones)."""
+        from .manipulation import manipulation_heatmap
+
+        if options.reference is None:
+            raise InvalidInput("reference", "the heat map needs a reference image")
+        groups = list(options.manipulations)
+        if control is None:
+            if not groups:
+                raise InvalidInput("manipulations", "the heat map needs at least one manipulation group "
+                                                    "(its control prompt selects the regions)")
+            control, thresholds = groups[-1].control, groups[-1].thresholds
+        return manipulation_heatmap(options.reference, groups, control, thresholds,
+                                    lambda image: self.encode_reference_full(image).float(),
+                                    lambda texts: self.encode_text(texts).float())
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def colorize(self, options: ColorizeOptions, sampling: SamplingOptions = SamplingOptions(),
+                 callback: Optional[Callable] = None, interrupt: Optional[Callable[[], bool]] = None,
+                 injection_full_batch: bool = False) -> ColorizeResult:
+        """One generation of ``sampling.batch_size`` images. Same seed and options give the same images."""
+        options.check()
+        sampling.check()
+        width, height = self.output_size(options, sampling)
+        seed = sampling.resolved_seed()
+        sampler = get_sampler(sampling.sampler, sampling.schedule)
+        latent_h, latent_w = height // 8, width // 8
+
+        sketch, box = prepare_sketch(options.sketch, options.sketch_mode, (height, width),
+                                     self.extractor(options) if options.sketch_mode == "extract" else None)
+        tokens = self.reference_tokens(options)
+        injection_reference = None
+        if options.injection and options.reference is not None:
+            injection_reference = reference_for_injection(options.reference, (height, width))
+        stats: dict = {}
+        sketch_hints, blank_hints, injection_hints = conditioning.encode_sketch_hints(
+            self.sketch_encoder, sketch.to(self.device), options.sketch_strength,
+            injection_reference, options.injection_sketch_fidelity, stats)
+        self.stats["sketch_encoder_calls"] += stats["sketch_encoder_calls"]
+        injection = None
+        if injection_reference is not None:
+            latent = conditioning.injection_latent(
+                self.vae.encode, injection_reference.to(self.device, self.vae_dtype),
+                torch.Generator().manual_seed(seed))
+            injection = InjectionPlan(reference_latent=latent.to(self.dtype), hints=injection_hints,
+                                      reference_fidelity=options.injection_reference_fidelity,
+                                      start=options.injection_start,
+                                      noise_generator=torch.Generator().manual_seed(seed + 1),
+                                      full_batch=injection_full_batch)
+        plan = conditioning.build_plan(options, sketch_hints=sketch_hints, blank_hints=blank_hints,
+                                       tokens=tokens, injection=injection)
+        scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
+                                        num_layers=16)
+
+        unet = self.unet
+        denoiser = make_denoiser(lambda x_in, t, context: unet(x_in.to(self.dtype), t, context).float(),
+                                 self.parameterization, self.schedule)
+
+        def inner_model(x_in, sigma_in, context):
+            return denoiser(x_in, sigma_in, context=context)
+
+        hooks = ColorizeHooks(unet, layer_scales=scales, injection=injection is not None)
+
+        def model(x, sigma):
+            return guided_call(plan, hooks, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),
+                               noised_reference=lambda r, s, n: r.float() + s.float() * n.float())
+
+        sigmas = self.schedule.get_sigmas(sampling.steps, sampler.schedule).to(self.device)
+        generators = seeded_generators(seed, sampling.batch_size)
+        x = initial_noise((sampling.batch_size, 4, latent_h, latent_w), seed, float(sigmas[0]),
+                          generators=generators, device=self.device)
+        kwargs = {"callback": callback, "interrupt": interrupt}
+        if sampling.sampler in STOCHASTIC_SAMPLERS or sampler.func.__name__ in (
+                "sample_euler_ancestral", "sample_dpmpp_2m_sde"):
+            kwargs["generator"] = generators
+        with hooks:
+            latents = sampler.func(model, x, sigmas, **kwargs)
+        images = self.decode(latents)
+        if options.crop_result:
+            images = [crop_to_box(image, box) for image in images]
+        result = ColorizeResult(images=images, latents=latents, seed=seed, width=width, height=height,
+                                stats=dict(plan.stats, sketch_encoder_calls=stats["sketch_encoder_calls"]))
+        if options.return_sketch:
+            result.sketch = tensor_to_images(sketch)[0]
+        if options.return_heatmap and options.manipulations and options.reference is not None:
+            result.heatmap = self.heatmap(options)
+        return result
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list:
+        decoded = self.vae.decode((latents / LATENT_SCALE).to(self.vae_dtype))
+        return tensor_to_images(decoded.float().cpu())

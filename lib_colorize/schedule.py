@@ -1,0 +1,367 @@
+"""The SD "scaled-linear" noise schedule, sigma <-> timestep conversion, sigma schedules and denoiser wrappers.
+
+Conventions (method §1.1, §9, §11), the same as k-diffusion:
+
+* Discrete DDPM schedule, ``T = 1000`` steps:
+  ``beta_i = (sqrt(0.00085) + i * (sqrt(0.012) - sqrt(0.00085)) / 999)^2``, ``i = 0..999``,
+  ``alphas_cumprod_i = prod_{j<=i} (1 - beta_j)`` (computed in float64, stored in float32 as ldm does),
+  ``sigma_i = sqrt((1 - alphas_cumprod_i) / alphas_cumprod_i)`` (float32).
+  ``sigma_min = sigma_0 = 0.0291675``, ``sigma_max = sigma_999 = 14.614642``.
+* Samplers work in "sigma space" (variance exploding): ``x = x0 + sigma * eps``. The U-Net sees the
+  variance-preserving input ``x * c_in`` with ``c_in = 1 / sqrt(sigma^2 + 1)`` and a fractional timestep
+  ``t = sigma_to_t(sigma)``.
+* A denoiser is ``D(x, sigma, **extra) -> x0`` (the prediction of the clean latent).
+
+Nothing here imports the webui.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "NUM_TIMESTEPS", "LINEAR_START", "LINEAR_END", "SCHEDULE_KEYS",
+    "scaled_linear_betas", "alphas_cumprod_from_betas", "append_zero", "append_dims",
+    "NoiseSchedule", "default_schedule",
+    "get_sigmas_karras", "get_sigmas_exponential", "ddim_timesteps",
+    "eps_to_x0", "v_to_x0", "x0_to_eps", "get_scalings",
+    "Denoiser", "make_denoiser",
+]
+
+NUM_TIMESTEPS = 1000
+LINEAR_START = 0.00085
+LINEAR_END = 0.012
+
+#: Keys accepted by :meth:`NoiseSchedule.get_sigmas` (lower case; display names are matched case-insensitively).
+#: "automatic" is the same as "uniform" here; the sampler registry resolves the webui's "Automatic" to the
+#: sampler's own default before it gets here.
+SCHEDULE_KEYS = ("automatic", "uniform", "karras", "exponential", "ddim")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def append_zero(x: torch.Tensor) -> torch.Tensor:
+    """Appends a trailing 0 to a 1-D tensor (the final "clean" sigma)."""
+    return torch.cat([x, x.new_zeros([1])])
+
+
+def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
+    """Appends singleton dimensions to ``x`` until it has ``target_dims`` dimensions (for per-row scalars)."""
+    dims_to_append = target_dims - x.ndim
+    if dims_to_append < 0:
+        raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+    return x[(...,) + (None,) * dims_to_append]
+
+
+def _as_tensor(value: Any, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if like is not None:
+        return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return torch.as_tensor(value, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The discrete schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+def scaled_linear_betas(num_timesteps: int = NUM_TIMESTEPS, linear_start: float = LINEAR_START,
+                        linear_end: float = LINEAR_END) -> torch.Tensor:
+    """SD scaled-linear betas in float64: ``beta_i = (sqrt(start) + i (sqrt(end) - sqrt(start)) / (T-1))^2``.
+
+    ldm's ``make_beta_schedule("linear")`` (mid-2024 name) / ``"scaled_linear"`` (ea039d5 name), method §1.1.
+    """
+    return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
+def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """``alphas_cumprod_i = prod_{j<=i} (1 - beta_j)``, accumulated in float64 and returned in float32 (as ldm
+    registers its buffer)."""
+    return torch.cumprod(1.0 - betas.to(torch.float64), dim=0).to(torch.float32)
+
+
+class NoiseSchedule:
+    """A discrete DDPM schedule seen in sigma space, like k-diffusion's ``DiscreteSchedule``.
+
+    ``sigmas[t] = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])`` (float32, increasing in t);
+    ``log_sigmas = log(sigmas)``. Timesteps between integers are defined by linear interpolation of log sigma.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float32)
+        if alphas_cumprod.ndim != 1 or alphas_cumprod.numel() < 2:
+            raise ValueError("alphas_cumprod must be a 1-D tensor with at least 2 entries")
+        self.alphas_cumprod = alphas_cumprod
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+        self._device_cache: Dict[Tuple[str, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def scaled_linear(cls, num_timesteps: int = NUM_TIMESTEPS, linear_start: float = LINEAR_START,
+                      linear_end: float = LINEAR_END) -> "NoiseSchedule":
+        """The SD / ColorizeDiffusion schedule (method §1.1)."""
+        return cls(alphas_cumprod_from_betas(scaled_linear_betas(num_timesteps, linear_start, linear_end)))
+
+    # -- basic properties ------------------------------------------------------------------------------------
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.sigmas.shape[0]
+
+    @property
+    def t_max(self) -> int:
+        return self.num_timesteps - 1
+
+    @property
+    def sigma_min(self) -> float:
+        """``sigmas[0]`` (0.0291675 for SD)."""
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        """``sigmas[-1]`` (14.614642 for SD)."""
+        return float(self.sigmas[-1])
+
+    def _on(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas, log_sigmas) on ``device``, cached so that GPU sampling does not copy them every step."""
+        key = (str(device), torch.float32)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = (self.sigmas.to(device), self.log_sigmas.to(device))
+            self._device_cache[key] = cached
+        return cached
+
+    # -- sigma <-> t ----------------------------------------------------------------------------------------
+
+    def sigma_to_t(self, sigma: Any, quantize: bool = False) -> torch.Tensor:
+        """Fractional timestep of ``sigma`` (k-diffusion ``DiscreteSchedule.sigma_to_t``).
+
+        With ``low`` the last index whose ``log_sigmas[low] <= log(sigma)`` (clamped to ``T-2``), ``high = low+1``:
+        ``w = clamp((log_sigmas[low] - log sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)``,
+        ``t = (1 - w) low + w high``. Sigmas outside ``[sigma_min, sigma_max]`` clamp to ``t in [0, T-1]``.
+        ``quantize=True`` returns the nearest integer timestep instead. Returns float32 with ``sigma``'s shape.
+        """
+        sigma = _as_tensor(sigma)
+        _, log_sigmas = self._on(sigma.device)
+        log_sigma = sigma.to(torch.float32).log()
+        dists = log_sigma.reshape(1, -1) - log_sigmas[:, None]
+        if quantize:
+            return dists.abs().argmin(dim=0).view(sigma.shape).to(torch.float32)
+        low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+        high_idx = low_idx + 1
+        low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+        w = ((low - log_sigma.reshape(-1)) / (low - high)).clamp(0, 1)
+        t = (1 - w) * low_idx + w * high_idx
+        return t.view(sigma.shape)
+
+    def t_to_sigma(self, t: Any) -> torch.Tensor:
+        """Sigma of a (fractional) timestep: ``exp((1 - frac t) log_sigmas[floor t] + frac t * log_sigmas[ceil t])``
+        (k-diffusion ``DiscreteSchedule.t_to_sigma``). Returns float32 with ``t``'s shape."""
+        t = _as_tensor(t).to(torch.float32)
+        _, log_sigmas = self._on(t.device)
+        t = t.clamp(0, self.t_max)
+        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
+        log_sigma = (1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]
+        return log_sigma.exp()
+
+    # -- sigma schedules ------------------------------------------------------------------------------------
+
+    def get_sigmas_uniform(self, n: int) -> torch.Tensor:
+        """k-diffusion ``get_sigmas(n)``: ``sigma(t)`` for ``t = linspace(T-1, 0, n)``, then a trailing 0.
+
+        This is the webui's "Uniform" scheduler and the "Automatic" one of samplers without a preferred schedule.
+        """
+        _check_steps(n)
+        t = torch.linspace(self.t_max, 0, n, dtype=torch.float32)
+        return append_zero(self.t_to_sigma(t))
+
+    def get_sigmas_karras(self, n: int, rho: float = 7.0) -> torch.Tensor:
+        """Karras et al. (2022) schedule between this model's ``sigma_max`` and ``sigma_min`` (see
+        :func:`get_sigmas_karras`)."""
+        return get_sigmas_karras(n, self.sigma_min, self.sigma_max, rho=rho)
+
+    def get_sigmas_exponential(self, n: int) -> torch.Tensor:
+        """Log-linear schedule between this model's ``sigma_max`` and ``sigma_min`` (see
+        :func:`get_sigmas_exponential`)."""
+        return get_sigmas_exponential(n, self.sigma_min, self.sigma_max)
+
+    def get_sigmas_ddim(self, n: int) -> torch.Tensor:
+        """The DDIM timesteps of :func:`ddim_timesteps` as sigmas, descending, then a trailing 0.
+
+        ``sigmas = [sigma_{t_k}, ..., sigma_{t_0}, 0]`` with ``t_k = k * (T // n) + 1``. These are exact table
+        entries (``sigma_to_t`` maps them back to the integer timesteps). The number of steps is
+        ``len(range(0, T, T // n))``: ``n`` when ``n`` divides 1000, a few more otherwise (30 -> 31), as in
+        ldm's DDIM. The final step goes from ``t = 1`` to sigma 0, i.e. ``alpha_prev = 1`` (ldm uses
+        ``alphas_cumprod[0]`` and leaves ``sigma_0 = 0.029`` of noise; the webui stops at ``t = 1`` without
+        evaluating it).
+        """
+        timesteps = ddim_timesteps(n, self.num_timesteps)
+        return append_zero(self.sigmas[timesteps.flip(0)])
+
+    def get_sigmas(self, n: int, kind: str = "uniform") -> torch.Tensor:
+        """Sigma schedule by name (case-insensitive): 'automatic'/'uniform', 'karras', 'exponential', 'ddim'.
+
+        Returns a float32 CPU tensor of descending sigmas ending in a trailing 0 (``n + 1`` entries, except
+        'ddim', see :meth:`get_sigmas_ddim`).
+        """
+        key = str(kind).strip().lower()
+        if key in ("automatic", "uniform"):
+            return self.get_sigmas_uniform(n)
+        if key == "karras":
+            return self.get_sigmas_karras(n)
+        if key == "exponential":
+            return self.get_sigmas_exponential(n)
+        if key == "ddim":
+            return self.get_sigmas_ddim(n)
+        raise ValueError(f"unknown sigma schedule {kind!r}; valid: {', '.join(SCHEDULE_KEYS)}")
+
+    def __repr__(self) -> str:
+        return (f"NoiseSchedule(T={self.num_timesteps}, sigma_min={self.sigma_min:.7g}, "
+                f"sigma_max={self.sigma_max:.8g})")
+
+
+_DEFAULT: Optional[NoiseSchedule] = None
+
+
+def default_schedule() -> NoiseSchedule:
+    """The shared SD scaled-linear schedule (built once)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = NoiseSchedule.scaled_linear()
+    return _DEFAULT
+
+
+def _check_steps(n: int) -> None:
+    if int(n) != n or n < 1:
+        raise ValueError(f"number of steps must be a positive integer, got {n!r}")
+
+
+def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022): ``sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``,
+    ``i = 0..n-1``, then a trailing 0 (for ``n = 1``: ``[sigma_max, 0]``)."""
+    _check_steps(n)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float32)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return append_zero(sigmas)
+
+
+def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """``sigma_i = exp(linspace(log sigma_max, log sigma_min, n))_i``, then a trailing 0."""
+    _check_steps(n)
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float32).exp()
+    return append_zero(sigmas)
+
+
+def ddim_timesteps(n: int, num_timesteps: int = NUM_TIMESTEPS) -> torch.Tensor:
+    """Uniform DDIM timesteps, ascending: ``range(0, T, T // n) + 1`` clipped to ``[0, T-1]`` (ldm
+    ``make_ddim_timesteps(..., "uniform")``, the webui's ``CompVisSampler.get_timesteps``). Duplicates
+    (only possible for ``n`` near ``T``) are removed. Returns int64."""
+    _check_steps(n)
+    step = max(num_timesteps // int(n), 1)
+    timesteps = torch.arange(0, num_timesteps, step, dtype=torch.int64) + 1
+    return torch.unique(timesteps.clamp(0, num_timesteps - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model outputs -> x0 (method §11)
+# ----------------------------------------------------------------------------------------------------------------
+
+def get_scalings(sigma: torch.Tensor, parameterization: str = "eps") -> Tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    """``(c_skip, c_out, c_in)`` with ``D(x, sigma) = c_skip x + c_out F(c_in x, t(sigma))``.
+
+    * eps (CompVisDenoiser): ``c_skip = 1``, ``c_out = -sigma``, ``c_in = 1 / sqrt(sigma^2 + 1)``.
+    * v (CompVisVDenoiser, sigma_data = 1): ``c_skip = 1 / (sigma^2 + 1)``, ``c_out = -sigma / sqrt(sigma^2 + 1)``,
+      ``c_in = 1 / sqrt(sigma^2 + 1)``.
+    """
+    sigma = _as_tensor(sigma)
+    c_in = 1 / (sigma ** 2 + 1) ** 0.5
+    if parameterization == "eps":
+        return torch.ones_like(sigma), -sigma, c_in
+    if parameterization == "v":
+        return 1 / (sigma ** 2 + 1), -sigma / (sigma ** 2 + 1) ** 0.5, c_in
+    raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+
+
+def eps_to_x0(x: torch.Tensor, sigma: Any, eps: torch.Tensor) -> torch.Tensor:
+    """``x0 = x - sigma * eps`` for the sigma-space input ``x`` (not the ``c_in``-scaled U-Net input).
+    ``sigma`` is a scalar or one value per batch row."""
+    sigma = append_dims(_as_tensor(sigma, x), x.ndim)
+    return x - sigma * eps
+
+
+def v_to_x0(x: torch.Tensor, sigma: Any, v: torch.Tensor) -> torch.Tensor:
+    """``x0 = c_skip x + c_out v`` with ``c_skip = 1/(sigma^2+1)``, ``c_out = -sigma/sqrt(sigma^2+1)``.
+
+    Equivalent to the VP form ``x0 = sqrt(a) x_vp - sqrt(1-a) v`` with ``x_vp = x / sqrt(sigma^2+1)``,
+    ``a = 1/(sigma^2+1)``.
+    """
+    sigma = append_dims(_as_tensor(sigma, x), x.ndim)
+    c_skip, c_out, _ = get_scalings(sigma, "v")
+    return c_skip * x + c_out * v
+
+
+def x0_to_eps(x: torch.Tensor, sigma: Any, x0: torch.Tensor) -> torch.Tensor:
+    """``eps = (x - x0) / sigma`` (the Karras ODE derivative ``d = dx/dsigma``); ``sigma`` must be > 0."""
+    sigma = append_dims(_as_tensor(sigma, x), x.ndim)
+    return (x - x0) / sigma
+
+
+ModelFn = Callable[..., torch.Tensor]
+
+
+class Denoiser:
+    """``D(x, sigma, **kwargs) -> x0`` over a raw model ``model_fn(x_in, t, **kwargs) -> eps | v``.
+
+    As k-diffusion's ``CompVisDenoiser`` (eps) / ``CompVisVDenoiser`` (v):
+    ``x_in = c_in x``, ``t = schedule.sigma_to_t(sigma)`` (fractional, float32, one per batch row),
+    ``D = c_skip x + c_out model_fn(x_in, t, **kwargs)`` with the scalings of :func:`get_scalings`.
+    ``sigma`` may be a scalar or a (B,) tensor. ``quantize=True`` rounds ``t`` to the nearest integer timestep.
+    """
+
+    def __init__(self, model_fn: ModelFn, parameterization: str = "eps",
+                 schedule: Optional[NoiseSchedule] = None, quantize: bool = False):
+        if parameterization not in ("eps", "v"):
+            raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+        self.model_fn = model_fn
+        self.parameterization = parameterization
+        self.schedule = schedule if schedule is not None else default_schedule()
+        self.quantize = quantize
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    def sigma_to_t(self, sigma: Any) -> torch.Tensor:
+        return self.schedule.sigma_to_t(sigma, quantize=self.quantize)
+
+    def __call__(self, x: torch.Tensor, sigma: Any, **kwargs: Any) -> torch.Tensor:
+        sigma = _as_tensor(sigma).to(x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in = [append_dims(c, x.ndim).to(x.dtype) for c in
+                               get_scalings(sigma.to(torch.float32), self.parameterization)]
+        out = self.model_fn(x * c_in, self.sigma_to_t(sigma), **kwargs)
+        if self.parameterization == "eps":
+            return x + out * c_out
+        return x * c_skip + out * c_out
+
+    def __repr__(self) -> str:
+        return f"Denoiser(parameterization={self.parameterization!r}, schedule={self.schedule!r})"
+
+
+def make_denoiser(model_fn: ModelFn, parameterization: str = "eps",
+                  schedule: Optional[NoiseSchedule] = None, quantize: bool = False) -> Denoiser:
+    """Wraps ``model_fn(x_in, t, **kwargs) -> eps | v`` into ``D(x, sigma, **kwargs) -> x0`` (see
+    :class:`Denoiser`)."""
+    return Denoiser(model_fn, parameterization, schedule, quantize)
