@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     sampling.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                           help="U-Net precision (default float16 on GPU, float32 on CPU)")
-    sampling.add_argument("--clip-arch", default="ViT-H-14", help="open_clip architecture (default ViT-H-14)")
+    sampling.add_argument("--clip-arch", default="ViT-H-14",
+                          help="open_clip architecture name, or an open_clip model-config .json file (default ViT-H-14)")
     sampling.add_argument("--clip-weights", default=None, help="OpenCLIP weights file (default: "
                                                                 "<models-dir>/ColorizeDiffusion/open_clip_pytorch_model.bin)")
     return parser
@@ -189,6 +190,18 @@ def output_paths(page: Path, out: Path, folder_run: bool, batch_size: int) -> li
     return [target.with_name(f"{target.stem}-{i}{target.suffix or '.png'}") for i in range(batch_size)]
 
 
+def clip_architecture(arch: str) -> str:
+    """An open_clip architecture name; a model-config JSON file is registered with open_clip first."""
+    if arch.endswith(".json"):
+        if not os.path.isfile(arch):
+            raise InvalidInput("clip_arch", f"{arch} does not exist")
+        import open_clip
+
+        open_clip.add_model_config(arch)
+        return Path(arch).stem
+    return arch
+
+
 def resolve_device_dtype(device: Optional[str], dtype: Optional[str]):
     import torch
 
@@ -200,9 +213,11 @@ def resolve_device_dtype(device: Optional[str], dtype: Optional[str]):
     return device, getattr(torch, dtype)
 
 
-def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
+def run(args: argparse.Namespace, out=None, err=None) -> int:
     from .images import load_image_file
     from .weights import resolve_checkpoint
+
+    out, err = out or sys.stdout, err or sys.stderr
 
     base_options, base_sampling = ({}, {})
     if args.from_infotext:
@@ -222,7 +237,7 @@ def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
 
     from .pipeline import Colorizer
 
-    colorizer = Colorizer.from_files(checkpoint_path, clip_arch=args.clip_arch, clip_weights=args.clip_weights,
+    colorizer = Colorizer.from_files(checkpoint_path, clip_arch=clip_architecture(args.clip_arch), clip_weights=args.clip_weights,
                                      models_dir=os.path.join(args.models_dir, "ColorizeDiffusion"),
                                      device=device, dtype=dtype, allow_download=not args.offline)
     if args.visualize:

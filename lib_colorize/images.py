@@ -70,7 +70,9 @@ def _open_bytes(data: bytes, field: str, source: str = "data") -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except UnidentifiedImageError:
+        raise InvalidInput(field, f"{source} is not a readable image (not a PNG, JPEG, WebP or BMP file)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise InvalidInput(field, f"{source} is not a readable image ({type(error).__name__}: {error})") from None
     return image
 

@@ -24,10 +24,11 @@ from .models import LATENT_SCALE
 from .options import ColorizeOptions
 from .preprocess import (check_resolution, crop_to_box, default_size_for, image_to_tensor,
                          pad_reference_with_margin, prepare_sketch, reference_for_injection, tensor_to_images)
-from .samplers import STOCHASTIC_SAMPLERS, get_sampler, initial_noise, seeded_generators
+from .samplers import SAMPLERS, STOCHASTIC_SAMPLERS, get_sampler, initial_noise, seeded_generators
 from .schedule import NoiseSchedule, make_denoiser
 
 MAX_SEED = 2 ** 32 - 1
+STOCHASTIC_FUNCTIONS = frozenset(SAMPLERS[name].func for name in STOCHASTIC_SAMPLERS)
 NATIVE_SIZE = {"v1": 512, "v1.5": 512, "v2": 768}
 
 
@@ -57,6 +58,11 @@ class SamplingOptions:
             raise InvalidInput("batch_size", f"{self.batch_size} is out of range [1, 8]")
         if not -1 <= self.seed <= MAX_SEED:
             raise InvalidInput("seed", f"{self.seed} is out of range [-1, {MAX_SEED}]")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 64 or value % 64):
+                raise InvalidInput(name, f"{value} is not a multiple of 64 (method §8.4); try "
+                                         f"{max(64, round(value / 64) * 64)}")
 
 
 @dataclass
@@ -221,9 +227,8 @@ class Colorizer:
         x = initial_noise((sampling.batch_size, 4, latent_h, latent_w), seed, float(sigmas[0]),
                           generators=generators, device=self.device)
         kwargs = {"callback": callback, "interrupt": interrupt}
-        if sampling.sampler in STOCHASTIC_SAMPLERS or sampler.func.__name__ in (
-                "sample_euler_ancestral", "sample_dpmpp_2m_sde"):
-            kwargs["generator"] = generators
+        if sampler.func in STOCHASTIC_FUNCTIONS:
+            kwargs["generator"] = generators   # per-step noise continues each image's own seeded stream
         with hooks:
             latents = sampler.func(model, x, sigmas, **kwargs)
         images = self.decode(latents)

@@ -226,8 +226,9 @@ class ReferenceEncoder(nn.Module):
         visual = getattr(model, "visual", model)
         self._check_visual(visual)
         self.visual = visual
-        self.image_size = int(visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size)
-        self.grid = visual.positional_embedding.shape[0] - 1
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.num_patches = visual.positional_embedding.shape[0] - 1  # N (256 for ViT-H/14 at 224)
         self.instance_id = next(_instance_ids)  # identity for ReferenceTokenCache keys
 
     @staticmethod
@@ -524,8 +525,8 @@ def _load_part(module: nn.Module, part: Mapping[str, torch.Tensor], path: str, w
     unexpected = sorted(k for k in part if k not in own and k != "attn_mask")
     wrong = sorted(k for k in own if k in part and tuple(part[k].shape) != tuple(own[k].shape))
     if missing or unexpected or wrong:
-        details = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                   for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        groups = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        details = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" for label, keys in groups if keys]
         raise CheckpointError(path, f"{what} weights do not match the architecture ({'; '.join(details)})")
     module.load_state_dict({k: part[k] for k in own}, strict=True)
 

@@ -215,7 +215,8 @@ class ResBlock(TimestepBlock):
         self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 

@@ -520,7 +520,8 @@ def make_sd_checkpoint(path: "str | os.PathLike[str]", sd_version: str = "sd2", 
     """Write a small plain Stable Diffusion checkpoint (``cond_stage_model.*``, no ``control_encoder.*``)."""
     lay = sd_layout(sd_version)
     buffers = schedule_buffers()
-    entries = [(k, shape, torch.float16 if k.startswith(VAE_PREFIX) else torch.float32) for k, (shape, _) in lay.items()]
+    entries = [(k, shape, torch.float16 if k.startswith(VAE_PREFIX) else torch.float32)
+               for k, (shape, _) in lay.items()]
 
     def make_tensor(key: str) -> torch.Tensor:
         shape, kind = lay[key]
@@ -540,7 +541,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--context-dim", type=int, default=None, help="cross-attention width (default 64 tiny, 1024 full)")
+    parser.add_argument("--context-dim", type=int, default=None,
+                        help="cross-attention width (default 64 tiny, 1024 full)")
     args = parser.parse_args(argv)
     path = make_checkpoint(args.out, version=args.version, size=args.size, seed=args.seed,
                            dtype=getattr(torch, args.dtype), context_dim=args.context_dim)

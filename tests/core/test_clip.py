@@ -294,7 +294,7 @@ def test_open_clip_new_parity(encoders, weights_path, tmp_path):
     torch.save({"image": img}, inputs)
     out = tmp_path / "out.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join([target, str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([target, str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run(
         [sys.executable, "-c", _PARITY_SCRIPT, weights_path, str(inputs), str(out), json.dumps(PROMPTS)],
         env=env, capture_output=True, text=True, timeout=120,

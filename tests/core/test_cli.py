@@ -1,0 +1,159 @@
+"""The command line end to end on a small random checkpoint in the released key layout and a small open_clip
+architecture: single file, folder of three (one unreadable), outputs (size, crop, metadata), determinism,
+resume / overwrite rules, --from-infotext, exit codes, and one run as a real subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib_colorize.cli import main
+from lib_colorize.testing.checkpoints import make_checkpoint
+from lib_colorize.testing.clip import TINY_CLIP_CONFIG, TINY_CLIP_NAME, make_tiny_clip_weights, register_tiny_clip
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def draw_sketch(path: Path, size=(96, 64), seed=0) -> Path:
+    """Black strokes on white paper."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((size[1], size[0], 3), 255, np.uint8)
+    for _ in range(6):
+        y = rng.integers(0, size[1])
+        pixels[y:y + 2, :] = 0
+        x = rng.integers(0, size[0])
+        pixels[:, x:x + 2] = 0
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    register_tiny_clip()
+    clip_weights = make_tiny_clip_weights(str(root / "tiny_clip.bin"))
+    config = root / f"{TINY_CLIP_NAME}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    checkpoint = make_checkpoint(root / "mult-eps-ft.safetensors", version="v1", size="tiny",
+                                 context_dim=TINY_CLIP_CONFIG["embed_dim"])
+    reference = root / "reference.png"
+    colours = np.zeros((80, 80, 3), np.uint8)
+    colours[:, :40] = (220, 40, 40)
+    colours[:, 40:] = (40, 90, 220)
+    Image.fromarray(colours).save(reference)
+    return {"checkpoint": str(checkpoint), "clip_weights": str(clip_weights), "clip_config": str(config),
+            "reference": str(reference), "root": root}
+
+
+def base_args(models, sketch, out, *extra):
+    return ["--checkpoint", models["checkpoint"], "--reference", models["reference"], "--sketch", str(sketch),
+            "--out", str(out), "--clip-arch", TINY_CLIP_NAME, "--clip-weights", models["clip_weights"],
+            "--models-dir", str(models["root"]), "--offline", "--device", "cpu", "--steps", "2",
+            "--sampler", "Euler", "--seed", "42", *extra]
+
+
+def test_single_file_size_metadata_and_determinism(models, tmp_path, capsys):
+    sketch = draw_sketch(tmp_path / "page.png")
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(base_args(models, sketch, first, "--width", "128", "--height", "64",
+                          "--reference-guidance", "3", "--sketch-guidance", "1.5")) == 0
+    assert main(base_args(models, sketch, second, "--width", "128", "--height", "64",
+                          "--reference-guidance", "3", "--sketch-guidance", "1.5")) == 0
+    with Image.open(first) as a, Image.open(second) as b:
+        assert a.size == (128, 64)
+        assert np.array_equal(np.asarray(a), np.asarray(b)), "same seed and options must give the same image"
+        text = a.info["parameters"]
+    assert "CD reference guidance: 3" in text and "Seed: 42" in text and "Size: 128x64" in text
+    assert not list(tmp_path.glob(".*.tmp")), "no temporary files left behind"
+
+
+def test_default_size_keeps_the_sketch_aspect_and_crop_result(models, tmp_path):
+    sketch = draw_sketch(tmp_path / "wide.png", size=(300, 100))
+    out = tmp_path / "wide-out.png"
+    assert main(base_args(models, sketch, out)) == 0
+    with Image.open(out) as image:
+        width, height = image.size
+    assert width % 64 == 0 and height % 64 == 0 and width > height   # native 512², aspect about 3:1
+    cropped = tmp_path / "cropped.png"
+    assert main(base_args(models, sketch, cropped, "--width", "128", "--height", "128", "--crop-result")) == 0
+    with Image.open(cropped) as image:
+        assert image.size == (128, 42)   # the sketch's box inside the 128x128 canvas
+
+
+def test_from_infotext_reproduces_the_result(models, tmp_path):
+    sketch = draw_sketch(tmp_path / "page.png", seed=3)
+    first = tmp_path / "first.png"
+    assert main(base_args(models, sketch, first, "--width", "64", "--height", "64", "--injection",
+                          "--layer-scales", *["0.5"] * 16, "--manipulation",
+                          "[target] red hair; [anchor] none; [control] hair; [scale] 2.0; [enhanced] False; "
+                          "[ts0] 0.5; [ts1] 0.55; [ts2] 0.65; [ts3] 0.95")) == 0
+    again = tmp_path / "again.png"
+    args = ["--checkpoint", models["checkpoint"], "--reference", models["reference"], "--sketch", str(sketch),
+            "--out", str(again), "--clip-arch", TINY_CLIP_NAME, "--clip-weights", models["clip_weights"],
+            "--models-dir", str(models["root"]), "--offline", "--device", "cpu", "--from-infotext", str(first)]
+    assert main(args) == 0
+    with Image.open(first) as a, Image.open(again) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert "CD injection: True" in b.info["parameters"]
+
+
+def test_folder_run_reports_failures_resumes_and_never_overwrites(models, tmp_path, capsys):
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    draw_sketch(pages / "01.png", seed=1)
+    draw_sketch(pages / "02.png", seed=2)
+    (pages / "03.png").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    code = main(base_args(models, pages, out, "--width", "64", "--height", "64"))
+    captured = capsys.readouterr()
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["01.png", "02.png"]
+    assert "03.png" in captured.err and "not a readable image" in captured.err
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    code = main(base_args(models, pages, out, "--width", "64", "--height", "64", "--resume"))
+    captured = capsys.readouterr()
+    assert code == 1 and "0 done, 2 skipped, 1 failed" in captured.out
+    code = main(base_args(models, pages, out, "--width", "64", "--height", "64"))
+    captured = capsys.readouterr()
+    assert code == 1 and "--overwrite" in captured.err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes, "nothing overwritten"
+    (pages / "03.png").unlink()
+    assert main(base_args(models, pages, out, "--width", "64", "--height", "64", "--overwrite")) == 0
+
+
+@pytest.mark.parametrize("flag,value,field", [("--reference-guidance", "99", "reference_guidance"),
+                                              ("--width", "100", "width"), ("--pad-reference", "nan", "pad_reference")])
+def test_bad_options_exit_2_with_the_field_named(models, tmp_path, capsys, flag, value, field):
+    sketch = draw_sketch(tmp_path / "page.png")
+    code = main(base_args(models, sketch, tmp_path / "x.png", "--height", "64", flag, value))
+    assert code == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_offline_missing_checkpoint_names_file_and_folder(models, tmp_path, capsys):
+    sketch = draw_sketch(tmp_path / "page.png")
+    args = base_args(models, sketch, tmp_path / "x.png")
+    args[1] = "switch-eps"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "switch-eps.safetensors" in err and "Stable-diffusion" in err
+
+
+def test_cli_as_a_subprocess_like_a_user(models, tmp_path):
+    sketch = draw_sketch(tmp_path / "page.png", seed=5)
+    out = tmp_path / "sub.png"
+    args = base_args(models, sketch, out, "--width", "64", "--height", "64", "--return-sketch")
+    args[args.index(TINY_CLIP_NAME)] = models["clip_config"]   # an open_clip config file registers the arch
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "lib_colorize", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists() and (tmp_path / "sub-sketch.png").exists()
