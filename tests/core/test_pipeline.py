@@ -1,0 +1,115 @@
+"""The host-free pipeline on small random checkpoints in the released layout: encoder call counts, eps and v
+models, and state hygiene (after an interrupt or an exception inside sampling nothing remains, and the next
+generation equals a fresh one bit for bit)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib_colorize.checkpoint import load_checkpoint
+from lib_colorize.hooks import live_hook_count
+from lib_colorize.models.clip import load_clip
+from lib_colorize.options import ColorizeOptions, Manipulation
+from lib_colorize.pipeline import Colorizer, SamplingOptions
+from lib_colorize.samplers import SamplingInterrupted
+from lib_colorize.testing.checkpoints import make_checkpoint
+from lib_colorize.testing.clip import TINY_CLIP_CONFIG, TINY_CLIP_NAME, make_tiny_clip_weights, register_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    register_tiny_clip()
+    weights = make_tiny_clip_weights(str(tmp_path_factory.mktemp("clip") / "clip.bin"))
+    return load_clip(TINY_CLIP_NAME, weights=weights, allow_download=False)
+
+
+def colorizer_for(tmp_path, clip, name="mult-eps-ft.safetensors", version="v1") -> Colorizer:
+    path = make_checkpoint(tmp_path / name, version=version, size="tiny", context_dim=TINY_CLIP_CONFIG["embed_dim"])
+    return Colorizer(load_checkpoint(path), clip, allow_download=False)
+
+
+def images(seed=0):
+    rng = np.random.default_rng(seed)
+    sketch = np.full((64, 64, 3), 255, np.uint8)
+    sketch[rng.integers(0, 64, 8)] = 0
+    reference = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    return Image.fromarray(sketch), Image.fromarray(reference)
+
+
+def options(**changes) -> ColorizeOptions:
+    sketch, reference = images()
+    return ColorizeOptions(enabled=True, sketch=sketch, reference=reference, reference_guidance=3.0,
+                           sketch_guidance=2.0).replace(**changes)
+
+
+SAMPLING = SamplingOptions(sampler="Euler", steps=3, seed=7, width=64, height=64)
+
+
+def test_encoders_run_once_and_reference_is_cached_across_generations(tmp_path, clip):
+    colorizer = colorizer_for(tmp_path, clip)
+    first = colorizer.colorize(options(injection=True, injection_sketch_fidelity=0.5), SAMPLING)
+    assert first.stats["sketch_encoder_calls"] == 1      # sketch, blank sketch and reference in one batch
+    assert colorizer.token_cache.encode_calls == 1
+    second = colorizer.colorize(options(injection=True, injection_sketch_fidelity=0.5), SAMPLING)
+    assert colorizer.token_cache.encode_calls == 1, "same reference: no new encode"
+    assert torch.equal(first.latents, second.latents)
+    other = options(reference=images(1)[1])
+    colorizer.colorize(other, SAMPLING)
+    assert colorizer.token_cache.encode_calls == 2, "a different reference is encoded, never mixed"
+
+
+def test_distinct_row_injection_equals_the_original_full_batch_pass(tmp_path, clip):
+    colorizer = colorizer_for(tmp_path, clip)
+    opts = options(injection=True, injection_reference_fidelity=0.7)
+    sampling = SamplingOptions(sampler="Euler", steps=3, seed=3, width=64, height=64, batch_size=2)
+    ours = colorizer.colorize(opts, sampling)
+    original = colorizer.colorize(opts, sampling, injection_full_batch=True)
+    assert (ours.latents - original.latents).abs().max() <= 1e-4 * original.latents.abs().max()
+    assert ours.stats["write_rows"] < original.stats["write_rows"]
+    plain = colorizer.colorize(options(), sampling)
+    assert not torch.allclose(plain.latents, ours.latents)
+
+
+def test_v_parameterization_model_runs_and_differs_from_eps(tmp_path, clip):
+    v2 = colorizer_for(tmp_path, clip, name="v2-full.safetensors", version="v2")
+    assert v2.parameterization == "v" and v2.native_size == 768
+    result = v2.colorize(options(), SAMPLING)
+    assert result.images[0].size == (64, 64) and torch.isfinite(result.latents).all()
+
+
+def test_interrupt_and_exception_leave_no_state_and_next_generation_is_identical(tmp_path, clip):
+    colorizer = colorizer_for(tmp_path, clip)
+    opts = options(injection=True, layer_scales=(0.5,) * 16)
+    baseline = colorizer.colorize(opts, SAMPLING).latents
+    calls = {"n": 0}
+
+    def interrupt():
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    with pytest.raises(SamplingInterrupted):
+        colorizer.colorize(opts, SAMPLING, interrupt=interrupt)
+    assert live_hook_count() == 0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in colorizer.unet.modules())
+
+    def explode(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        colorizer.colorize(opts, SAMPLING, callback=explode)
+    assert live_hook_count() == 0
+    assert torch.equal(colorizer.colorize(opts, SAMPLING).latents, baseline)
+
+
+def test_heatmap_and_extra_outputs(tmp_path, clip):
+    colorizer = colorizer_for(tmp_path, clip)
+    groups = (Manipulation(target="red", control="hair", scale=2.0),)
+    result = colorizer.colorize(options(manipulations=groups, return_sketch=True, return_heatmap=True,
+                                        crop_result=True), SAMPLING)
+    assert result.heatmap.size == (48, 48)          # the reference's size
+    assert result.sketch.size == (64, 64)
+    with_manipulation = result.latents
+    without = colorizer.colorize(options(), SAMPLING).latents
+    assert not torch.equal(with_manipulation, without), "a manipulation with scale > 0 changes the tokens"
