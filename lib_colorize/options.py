@@ -41,6 +41,8 @@ DEFAULT_THRESHOLDS = (0.5, 0.55, 0.65, 0.95)
 MAX_MANIPULATIONS = 16
 MAX_PROMPT_CHARS = 1000
 DEFAULT_MAX_IMAGE_SIDE = 4096
+#: (minimum, maximum, step) of every cross-attention scale: level scales and the 16 layer scales (method §4.3).
+SCALE_RANGE = (0.0, 1.0, 0.05)
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,7 @@ def parse_level_scales(value: Any) -> LevelScales:
     if unknown:
         raise InvalidInput("level_scales", f"unknown key(s) {', '.join(map(str, unknown))}; valid: "
                                            f"{', '.join(LEVEL_NAMES)}")
-    return LevelScales(**{k: check_number(f"level_scales.{k}", value[k], 0.0, 1.0) for k in value})
+    return LevelScales(**{k: check_number(f"level_scales.{k}", value[k], *SCALE_RANGE[:2]) for k in value})
 
 
 def parse_layer_scales(value: Any) -> Optional[tuple]:
@@ -348,7 +350,7 @@ def parse_layer_scales(value: Any) -> Optional[tuple]:
         raise InvalidInput("layer_scales", f"expected {NUM_ATTENTION_LAYERS} numbers or null")
     if len(value) != NUM_ATTENTION_LAYERS:
         raise InvalidInput("layer_scales", f"expected {NUM_ATTENTION_LAYERS} numbers, got {len(value)}")
-    return tuple(check_number(f"layer_scales[{i}]", v, 0.0, 1.0) for i, v in enumerate(value))
+    return tuple(check_number(f"layer_scales[{i}]", v, *SCALE_RANGE[:2]) for i, v in enumerate(value))
 
 
 def check_thresholds(name: str, value: Any) -> tuple:
