@@ -16,21 +16,31 @@ Measures, side by side in one run (configurations interleaved across repetitions
     :class:`~lib_colorize.pipeline.Colorizer` colorizes with a tiny random checkpoint (released key layout) and a
     tiny open_clip tower written to a temporary folder.
 (e) ``peak_memory_ratio``: peak memory of a generation (both scales + injection, :class:`Colorizer`) over that of
-    a plain two-row-CFG generation with the same unhooked U-Net, sampler, steps and VAE decode. One subprocess per
-    configuration: on CPU the growth of the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``; glibc is
-    told to give large blocks back with ``MALLOC_MMAP_THRESHOLD_``), on CUDA ``torch.cuda.max_memory_allocated``.
+    a plain two-row-CFG generation with the same unhooked U-Net, sampler, steps and VAE decode, both after a
+    warm-up generation. One subprocess per configuration; the table splits each peak into conditioning, sampling
+    loop and decode. CPU: growth of the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``; glibc is told
+    to give large blocks back with ``MALLOC_MMAP_THRESHOLD_``); CUDA: ``torch.cuda.max_memory_allocated``.
+
+Clock: on CPU the bench runs torch on one thread (``--threads``) and times process CPU seconds, the figure least
+disturbed by other processes on a shared machine (with two threads, a busy neighbour core stalls every OpenMP
+barrier); on CUDA, wall seconds between synchronisations. Timed ratios are medians of per-repetition ratios (the
+two terms of each ratio run next to each other); the table adds the ratio of the minima and the **arithmetic**
+ratios (FLOPs of every configuration counted with ``torch.utils.flop_counter`` on the meta device, for the bench
+size and for the released size at 512 and 768, which costs no compute): these are the noise-free floors.
 
 Sizes: ``--size cpu`` (default) is the released U-Net layout at reduced width (model_channels 64, 16 transformer
-blocks, context 1024) at 512x512 (latent 64x64); ``--size full`` the released dimensions (use a GPU);
-``--quick`` a CI-sized smoke run (tiny U-Net, 128x128) whose figures only prove that the bench runs.
+blocks, context 1024) at 512x512 (latent 64x64); ``--size full`` the released dimensions (use a GPU; adds seconds
+per image at 512 and 768 and peak VRAM); ``--quick`` a CI-sized smoke run (tiny U-Net, 128x128) whose figures only
+prove that the bench runs.
 
-A narrow U-Net spends a larger share of its time in self-attention than the released one (attention grows with
-tokens² x width, convolutions with tokens x width²), so the injection ratios measured at ``--size cpu`` are
-upper bounds of the full-size ones.
+A narrow U-Net spends a larger share of its work in self-attention than the released one (attention grows with
+tokens² x width, convolutions with tokens x width²), so the injection ratios at ``--size cpu`` are higher than the
+released model's at the same resolution (compare the FLOP columns).
 
 ``--early-stop`` also times a prototype (not in the library) where the reference (write) pass stops right after
 the last transformer block's ``attn1`` has filled the bank: a forward pre-hook raises :class:`WritePassDone`,
-which the inner model catches. The JSON line always reports the library as it is.
+which the inner model catches (or the library's ``ColorizeHooks(stop_write_early=True)`` once it has one). The JSON
+line always reports the library's default.
 
 The last line of the output is one JSON object with exactly the keys of :data:`JSON_KEYS`.
 """
@@ -40,6 +50,7 @@ import argparse
 import ctypes
 import dataclasses
 import gc
+import inspect
 import json
 import math
 import os
@@ -96,7 +107,7 @@ class BenchSize:
 
 
 SIZES = {
-    "cpu": BenchSize("cpu", 64, 1024, 512, 5, 1, 2, ("plain", "dual", "ours", "original"), 256, 2),
+    "cpu": BenchSize("cpu", 64, 1024, 512, 4, 1, 1, ("plain", "dual", "ours", "original"), 256, 2),
     "full": BenchSize("full", 320, 1024, 512, 10, 2, 4, ("plain", "dual", "ours", "original"), 256, 2),
     "quick": BenchSize("quick", 32, 64, 128, 2, 1, 1, ("plain", "ours"), 128, 1),
 }
@@ -248,8 +259,10 @@ class StepConfig:
     hooks: object = None            # ColorizeHooks installed around each call (outside the timer)
     early_stop: bool = False
     plan: object = None             # GenerationPlan (its stats count rows)
+    rows: Optional[int] = None      # U-Net rows per call of the configurations without a plan
     calls: int = 0
-    times: List[float] = dataclasses.field(default_factory=list)
+    times: List[float] = dataclasses.field(default_factory=list)   # CPU seconds (CPU) or wall seconds (CUDA)
+    wall: List[float] = dataclasses.field(default_factory=list)
     output: Optional[torch.Tensor] = None
 
     def call(self) -> torch.Tensor:
@@ -270,7 +283,7 @@ class StepConfig:
 
     def rows_per_step(self) -> Optional[float]:
         if self.plan is None or not self.calls:
-            return None
+            return self.rows
         return (self.plan.stats["unet_rows"] + self.plan.stats["write_rows"]) / self.calls
 
 
@@ -278,15 +291,15 @@ class StepBench:
     """(a)-(c): the U-Net work of one guided step, through ``guided_call`` with an inner model calling the U-Net."""
 
     def __init__(self, size: BenchSize, device: torch.device, dtype: torch.dtype, early_stop: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, unet=None, resolution: Optional[int] = None):
         from .guidance import guidance_mode, row_roles
         from .hooks import HINT_BLOCKS
 
         self.size, self.device, self.dtype = size, device, dtype
         self.dims = bench_dims(size)
-        self.unet = build_unet(self.dims, device, dtype, seed)
+        self.unet = unet if unet is not None else build_unet(self.dims, device, dtype, seed)
         self.params = sum(p.numel() for p in self.unet.parameters())
-        latent = size.resolution // 8
+        latent = (resolution or size.resolution) // 8
         gen = torch.Generator().manual_seed(seed + 1)
 
         def randn(*shape, scale=1.0):
@@ -344,7 +357,7 @@ class StepBench:
         def run():
             if plan.injection is not None:
                 plan.injection.noise_generator.manual_seed(1234)   # same ε in every configuration
-            return guided_call(plan, hooks, self._inner_model, x, self.sigma, self.t,
+            return guided_call(plan, hooks, self._inner_model, x, self.sigma, 500.0,
                                noised_reference=self._noised_reference)
         return run
 
@@ -378,10 +391,11 @@ class StepBench:
             finally:
                 hooked.clear_call()
 
+        # order: the two terms of every ratio are measured next to each other
         add = self._add
-        add("cfg2", "plain two-row CFG, unhooked U-Net (b1)", plain_cfg)
-        add("plain3", "unhooked U-Net, 3 rows", plain3)
-        add("hooked3", "hooked U-Net (hints + layer scales), 3 rows", hooked3, hooks=hooked)
+        add("plain3", "unhooked U-Net, 3 rows", plain3, rows=3)
+        add("hooked3", "hooked U-Net (hints + layer scales), 3 rows", hooked3, hooks=hooked, rows=3)
+        add("cfg2", "plain two-row CFG, unhooked U-Net (b1)", plain_cfg, rows=2)
         for batch in (1, 4):
             for kind, label in ((None, "injection off"), ("ours", "injection on, ours (distinct rows)"),
                                 ("original", "injection on, original (full batch)")):
@@ -391,17 +405,27 @@ class StepBench:
                 add(name, f"dual guidance, {label} (b{batch})", self._guided(plan, hooks, batch),
                     hooks=hooks, plan=plan)
             if early_stop:
+                # the library's own early stop when it has one, else this module's prototype hook
+                library = "stop_write_early" in inspect.signature(ColorizeHooks).parameters
                 plan = self._plan("ours")
-                hooks = ColorizeHooks(unet, layer_scales=self.layer_scales, injection=True)
-                add(f"ours_es_b{batch}", f"dual guidance, injection on, ours + early stop (b{batch}, prototype)",
-                    self._guided(plan, hooks, batch), hooks=hooks, plan=plan, early_stop=True)
+                hooks = ColorizeHooks(unet, layer_scales=self.layer_scales, injection=True,
+                                      **({"stop_write_early": True} if library else {}))
+                add(f"ours_es_b{batch}", f"dual guidance, injection on, ours + early stop (b{batch}, "
+                                         f"{'stop_write_early' if library else 'prototype'})",
+                    self._guided(plan, hooks, batch), hooks=hooks, plan=plan, early_stop=not library)
 
-    def _add(self, name, label, run, hooks=None, plan=None, early_stop=False):
-        self.configs[name] = StepConfig(name, label, run, hooks=hooks, plan=plan, early_stop=early_stop)
+    def _add(self, name, label, run, hooks=None, plan=None, early_stop=False, rows=None):
+        self.configs[name] = StepConfig(name, label, run, hooks=hooks, plan=plan, early_stop=early_stop, rows=rows)
 
     # -- measurement -------------------------------------------------------------------------------------------
     def measure(self, reps: int, warmup: int, log=print) -> None:
+        """Warm-up, then ``reps`` repetitions of every configuration, in alternating order.
+
+        CPU: process CPU time (the bench runs torch on one thread by default, so time slices taken by other
+        processes on a shared machine are not counted); CUDA: wall time between synchronisations.
+        """
         names = list(self.configs)
+        clock = time.perf_counter if self.device.type == "cuda" else time.process_time
         with torch.inference_mode():
             for _ in range(max(1, warmup)):
                 for name in names:
@@ -411,10 +435,11 @@ class StepBench:
                 for name in order:
                     config = self.configs[name]
                     _sync(self.device)
-                    start = time.perf_counter()
+                    wall, start = time.perf_counter(), clock()
                     config.call()
                     _sync(self.device)
-                    config.times.append(time.perf_counter() - start)
+                    config.times.append(clock() - start)
+                    config.wall.append(time.perf_counter() - wall)
                 log(f"  repetition {rep + 1}/{reps} done")
 
     def ratio(self, numerator: str, denominator: str) -> float:
@@ -422,11 +447,57 @@ class StepBench:
         num, den = self.configs[numerator].times, self.configs[denominator].times
         return _median([a / b for a, b in zip(num, den)])
 
+    def ratio_of_minima(self, numerator: str, denominator: str) -> float:
+        """min(numerator) / min(denominator): the least disturbed measurement of each (noise only adds)."""
+        return min(self.configs[numerator].times) / min(self.configs[denominator].times)
+
     def max_abs_diff(self, a: str, b: str) -> Optional[float]:
         out_a, out_b = self.configs[a].output, self.configs[b].output
         if out_a is None or out_b is None:
             return None
         return float((out_a.float() - out_b.float()).abs().max())
+
+
+def arithmetic(size: BenchSize, resolution: int, early_stop: bool = True) -> dict:
+    """Noise-free floors: multiply-add FLOPs of every step configuration, counted on the meta device.
+
+    Counts matmuls, convolutions and attention (``torch.utils.flop_counter``; attention decomposes to bmm on
+    meta). The U-Net has the released module tree with ``size``'s widths and no real weights, so the full size
+    costs nothing to count. Returns ``{config: flops}``.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import UNetConfig, UNetModel
+
+    dims = bench_dims(size)
+    with torch.device("meta"):
+        unet = UNetModel(UNetConfig(model_channels=dims.model_channels, channel_mult=dims.channel_mult,
+                                    num_res_blocks=dims.num_res_blocks, attention_levels=dims.attention_levels,
+                                    context_dim=dims.context_dim)).eval()
+    step = StepBench(size, torch.device("meta"), torch.float32, early_stop=early_stop, unet=unet,
+                     resolution=resolution)
+    flops = {}
+    with torch.no_grad():   # FlopCounterMode sees nothing under inference_mode (torch 2.1)
+        for name, config in step.configs.items():
+            with FlopCounterMode(display=False) as counter:
+                config.call()
+            flops[name] = counter.get_total_flops()
+    return flops
+
+
+def arithmetic_figures(flops: dict) -> dict:
+    figures = {
+        "dual_guidance_ratio": flops["off_b1"] / flops["cfg2"],
+        "hook_overhead_ratio": flops["hooked3"] / flops["plain3"],
+        "injection_ratio_b1": flops["ours_b1"] / flops["off_b1"],
+        "injection_ratio_b4": flops["ours_b4"] / flops["off_b4"],
+        "injection_ratio_original_b1": flops["original_b1"] / flops["off_b1"],
+        "injection_ratio_original_b4": flops["original_b4"] / flops["off_b4"],
+    }
+    if "ours_es_b1" in flops:
+        figures["early_stop_injection_ratio_b1"] = flops["ours_es_b1"] / flops["off_b1"]
+        figures["early_stop_injection_ratio_b4"] = flops["ours_es_b4"] / flops["off_b4"]
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -508,6 +579,28 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+class _RssSampler:
+    """Peak VmRSS (KiB) sampled every millisecond by a background thread."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak = _vm_kib("VmRSS") or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _vm_kib("VmRSS") or 0)
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _vm_kib("VmRSS") or 0)
+
+
 def _release_memory() -> None:
     gc.collect()
     try:
@@ -516,8 +609,80 @@ def _release_memory() -> None:
         pass
 
 
+class PeakTracker:
+    """Peak memory growth per segment of a run, over the memory in use when the run started.
+
+    ``cuda``: ``torch.cuda.max_memory_allocated``; CPU: the peak RSS ``VmHWM`` (reset through
+    ``/proc/self/clear_refs``), or VmRSS sampled every millisecond where that reset is refused. Bytes.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.method = "cuda"
+        elif _vm_kib("VmRSS") is None:
+            self.method = "unavailable"
+        else:
+            self.method = "VmHWM" if _reset_peak_rss() else "VmRSS sampled"
+        self._sampler = None
+        self.base = 0
+        self.peaks: Dict[str, float] = {}
+
+    def _current(self) -> int:
+        if self.method == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return 1024 * (_vm_kib("VmRSS") or 0)
+
+    def _reset(self) -> None:
+        if self.method == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.method == "VmHWM":
+            _reset_peak_rss()
+        elif self._sampler is not None:
+            self._sampler.peak = self._current() // 1024
+
+    def _peak(self) -> int:
+        if self.method == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.method == "VmHWM":
+            return 1024 * (_vm_kib("VmHWM") or 0)
+        if self._sampler is not None:
+            return 1024 * max(self._sampler.peak, _vm_kib("VmRSS") or 0)
+        return 0
+
+    def __enter__(self) -> "PeakTracker":
+        _release_memory()
+        if self.method == "VmRSS sampled":
+            self._sampler = _RssSampler().__enter__()
+        self.base = self._current()
+        self.peaks = {}
+        self._reset()
+        return self
+
+    def mark(self, segment: str) -> None:
+        """Close ``segment`` (its peak is the peak since the previous mark) and start the next one."""
+        if self.method == "unavailable":
+            self.peaks[segment] = float("nan")
+            return
+        self.peaks[segment] = max(self.peaks.get(segment, 0), self._peak() - self.base)
+        self._reset()
+
+    def __exit__(self, *exc_info) -> None:
+        if self._sampler is not None:
+            self._sampler.__exit__(None, None, None)
+            self._sampler = None
+        _release_memory()
+        self.retained = self._current() - self.base
+
+
 def memory_worker(config: str, size: BenchSize, device: torch.device, dtype: torch.dtype) -> dict:
-    """Peak memory growth of one generation of ``config`` (run in a fresh process)."""
+    """Peak memory growth of one generation of ``config`` (run in a fresh process), after a warm-up generation.
+
+    Segments: ``conditioning`` (up to the first U-Net call: sketch/reference encoders, VAE encode), ``sampling``
+    (the sampler loop), ``decode`` (the VAE decode and the rest). The generation's peak is their maximum.
+    """
     from .models import LATENT_SCALE
     from .options import ColorizeOptions
     from .pipeline import Colorizer, SamplingOptions
@@ -528,6 +693,19 @@ def memory_worker(config: str, size: BenchSize, device: torch.device, dtype: tor
     checkpoint = build_checkpoint_models(dims, device, dtype)
     unet, vae = checkpoint.unet, checkpoint.vae
     resolution, steps = size.resolution, size.memory_steps
+    tracker: Optional[PeakTracker] = None
+    state = {"sampling": False}
+
+    def first_unet_call(module, args):
+        if tracker is not None and not state["sampling"]:
+            state["sampling"] = True
+            tracker.mark("conditioning")
+
+    def step_done(step, total, *_):
+        if tracker is not None and step == total - 1:
+            tracker.mark("sampling")
+
+    unet.register_forward_pre_hook(first_unet_call)
 
     if config == "plain":
         schedule = NoiseSchedule.scaled_linear()
@@ -544,7 +722,7 @@ def memory_worker(config: str, size: BenchSize, device: torch.device, dtype: tor
             sigmas = schedule.get_sigmas(steps, sampler.schedule).to(device)
             latent = resolution // 8
             x = initial_noise((1, 4, latent, latent), 1, float(sigmas[0]), device=device)
-            latents = sampler.func(model, x, sigmas)
+            latents = sampler.func(model, x, sigmas, callback=step_done)
             return vae.decode((latents / LATENT_SCALE).to(dtype))
     else:
         clip = bench_clip(size.context_dim, device)
@@ -556,37 +734,26 @@ def memory_worker(config: str, size: BenchSize, device: torch.device, dtype: tor
         sampling = SamplingOptions(steps=steps, seed=1, width=resolution, height=resolution, batch_size=1)
 
         def generate():
-            return colorizer.colorize(options, sampling, injection_full_batch=config == "original")
+            return colorizer.colorize(options, sampling, callback=step_done,
+                                      injection_full_batch=config == "original")
 
-    runs = []
+    results = []
     with torch.inference_mode():
-        for _ in range(2):   # the first run warms up; the second is measured (its peak must not exceed the first)
-            _release_memory()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
+        for _ in range(2):   # warm-up (one-time allocations of the kernels), then the measured generation
+            state["sampling"] = False
+            with PeakTracker(device) as tracker:
                 generate()
-                torch.cuda.synchronize(device)
-                runs.append({"peak": torch.cuda.max_memory_allocated(device) - base,
-                             "retained": torch.cuda.memory_allocated(device) - base, "method": "cuda"})
-            else:
-                method = "VmHWM" if _reset_peak_rss() else "ru_maxrss"
-                base = _vm_kib("VmRSS") or 0
-                generate()
-                if method == "VmHWM":
-                    peak = _vm_kib("VmHWM") or 0
-                else:
-                    import resource
-                    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                _release_memory()
-                runs.append({"peak": (peak - base) * 1024, "retained": ((_vm_kib("VmRSS") or 0) - base) * 1024,
-                             "method": method})
-    return {"config": config, "peak_bytes": runs[-1]["peak"], "first_run_peak_bytes": runs[0]["peak"],
-            "retained_bytes": runs[-1]["retained"], "method": runs[-1]["method"]}
+                tracker.mark("decode")
+            results.append({"peaks": dict(tracker.peaks), "retained": tracker.retained})
+            tracker = None
+    measured = results[-1]
+    return {"config": config, "method": PeakTracker(device).method,
+            "peak_bytes": max(measured["peaks"].values()), "segments": measured["peaks"],
+            "first_run_peak_bytes": max(results[0]["peaks"].values()), "retained_bytes": measured["retained"]}
 
 
-def measure_memory(size: BenchSize, device: torch.device, dtype: torch.dtype, log=print) -> dict:
+def measure_memory(size: BenchSize, device: torch.device, dtype: torch.dtype, threads: Optional[int] = None,
+                   log=print) -> dict:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -597,7 +764,8 @@ def measure_memory(size: BenchSize, device: torch.device, dtype: torch.dtype, lo
     for config in size.memory_configs:
         command = [sys.executable, "-m", "lib_colorize.bench", "--memory-worker", config,
                    *(["--quick"] if size.name == "quick" else ["--size", size.name]),
-                   "--device", str(device), "--dtype", str(dtype).replace("torch.", "")]
+                   "--device", str(device), "--dtype", str(dtype).replace("torch.", ""),
+                   *(["--threads", str(threads)] if threads else [])]
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             raise RuntimeError(f"memory worker {config} failed:\n{proc.stderr[-4000:]}")
@@ -684,7 +852,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return "\n" + "\n".join(lines)   # a blank line first: Markdown tables must not follow a heading line directly
 
 
 def _parse_args(argv):
@@ -697,8 +865,12 @@ def _parse_args(argv):
     parser.add_argument("--device", default=None, help="torch device (default: cuda for --size full when available, "
                                                        "else cpu)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                        help="U-Net dtype (default float16 on cuda, float32 on cpu)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per configuration")
+                        help="model dtype (default float16 on cuda, float32 on cpu)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per configuration "
+                                                              "(default 4 cpu, 10 full, 2 quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1 on cpu: CPU time of one thread is the figure least "
+                             "disturbed by other processes on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke run (tiny sizes, figures meaningless)")
     parser.add_argument("--early-stop", action="store_true",
                         help="also time the early-stop prototype of the write pass (table only)")
@@ -709,31 +881,43 @@ def _parse_args(argv):
     args = parser.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         parser.error("--reps must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     return args
 
 
-def run(args, log=print) -> dict:
+def _resolve(args):
     size = SIZES["quick" if args.quick else args.size]
     device = torch.device(args.device or ("cuda" if size.name == "full" and torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    return size, device, dtype, threads
+
+
+def run(args, log=print) -> dict:
+    size, device, dtype, threads = _resolve(args)
     reps = args.reps or size.reps
     machine = machine_description()
     command = " ".join(["python -m lib_colorize.bench"] + _argv_text(args))
+    clock = "wall seconds (synchronised)" if device.type == "cuda" else \
+        f"process CPU seconds, {torch.get_num_threads()} torch thread(s)"
 
     log(f"# ColorizeDiffusion benchmark ({size.name})")
-    log(f"machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}"
+    log(f"machine: {machine['cpu']}, {machine['cores']} cores"
         + (f", GPU {machine['gpu']}" if machine["gpu"] else ", no GPU"))
     log(f"commit {machine['commit']}; torch {machine['torch']}; python {machine['python']}; command: {command}")
 
     started = time.perf_counter()
     bench = StepBench(size, device, dtype, early_stop=args.early_stop)
     latent = size.resolution // 8
-    log(f"U-Net: released layout, model_channels {size.model_channels}, context {size.context_dim}, "
+    log(f"U-Net: released layout, model_channels {bench.dims.model_channels}, context {bench.dims.context_dim}, "
         f"{len(bench.layer_scales)} transformer blocks, {bench.params / 1e6:.1f} M parameters; "
         f"{size.resolution}x{size.resolution} (latent {latent}x{latent}); {device.type} {str(dtype)[6:]}; "
         f"g_r {REFERENCE_GUIDANCE}, g_s {SKETCH_GUIDANCE}, phi {REFERENCE_FIDELITY}; "
-        f"{reps} timed repetitions after {size.warmup} warm-up, interleaved")
-    bench.measure(reps, size.warmup, log=lambda s: log(s) if not args.quick else None)
+        f"{reps} timed repetitions after {size.warmup} warm-up, interleaved; clock: {clock}")
+    bench.measure(reps, size.warmup, log=(lambda s: None) if args.quick else log)
 
     figures = {
         "dual_guidance_ratio": bench.ratio("off_b1", "cfg2"),
@@ -743,87 +927,120 @@ def run(args, log=print) -> dict:
         "injection_ratio_original_b1": bench.ratio("original_b1", "off_b1"),
         "injection_ratio_original_b4": bench.ratio("original_b4", "off_b4"),
     }
+    minima = {
+        "dual_guidance_ratio": bench.ratio_of_minima("off_b1", "cfg2"),
+        "hook_overhead_ratio": bench.ratio_of_minima("hooked3", "plain3"),
+        "injection_ratio_b1": bench.ratio_of_minima("ours_b1", "off_b1"),
+        "injection_ratio_b4": bench.ratio_of_minima("ours_b4", "off_b4"),
+        "injection_ratio_original_b1": bench.ratio_of_minima("original_b1", "off_b1"),
+        "injection_ratio_original_b4": bench.ratio_of_minima("original_b4", "off_b4"),
+    }
+    sizes_counted = [("bench size", size, size.resolution)]
+    if size.name != "full":
+        sizes_counted += [("released size", SIZES["full"], 512), ("released size", SIZES["full"], 768)]
+    else:
+        sizes_counted += [("released size", size, 768)]
+    flops = {(label, res): arithmetic(sz, res, early_stop=True) for label, sz, res in sizes_counted}
+    arith = {key: arithmetic_figures(value) for key, value in flops.items()}
 
     log("")
-    log(f"## (a)-(c) U-Net work per guided step (median of {reps}; shared machines are noisy)")
+    log(f"## (a)-(c) U-Net work per guided step ({clock}; median and min of {reps}; shared machines are noisy)")
+    bench_flops = flops[("bench size", size.resolution)]
     rows = []
     for config in bench.configs.values():
-        per_step = config.rows_per_step()
-        rows.append([config.name, config.label, per_step if per_step is not None else "-",
-                     1000 * _median(config.times), 1000 * min(config.times)])
-    log(_table(["config", "what", "U-Net rows/step", "ms/step median", "ms/step min"], rows))
-
-    extra = [
-        ["guided_call overhead at batch 3", bench.ratio("off_b1", "plain3"), "dual guidance b1 / unhooked 3 rows"],
-        ["ours / original (b1)", figures["injection_ratio_b1"] / figures["injection_ratio_original_b1"], "<= 0.85"],
-        ["ours / original (b4)", figures["injection_ratio_b4"] / figures["injection_ratio_original_b4"], "<= 0.70"],
-        ["max |ours - original| (b1)", bench.max_abs_diff("ours_b1", "original_b1"), "float tolerance"],
-        ["max |ours - original| (b4)", bench.max_abs_diff("ours_b4", "original_b4"), "float tolerance"],
-    ]
-    if args.early_stop:
-        for batch in (1, 4):
-            ratio = bench.ratio(f"ours_es_b{batch}", f"off_b{batch}")
-            extra += [
-                [f"early stop: injection ratio (b{batch})", ratio, "prototype"],
-                [f"early stop: ours / original (b{batch})",
-                 ratio / figures[f"injection_ratio_original_b{batch}"], "prototype"],
-                [f"early stop: write pass saved (b{batch})",
-                 bench.ratio(f"ours_b{batch}", f"ours_es_b{batch}"), "ours / ours + early stop"],
-                [f"max |early stop - ours| (b{batch})", bench.max_abs_diff(f"ours_es_b{batch}", f"ours_b{batch}"),
-                 "0"],
-            ]
+        spread = (max(config.times) - min(config.times)) / _median(config.times)
+        rows.append([config.name, config.label, config.rows_per_step(), bench_flops[config.name] / 1e9,
+                     1000 * _median(config.times), 1000 * min(config.times), f"{100 * spread:.0f}%",
+                     1000 * _median(config.wall)])
+    log(_table(["config", "what", "U-Net rows/step", "GFLOP/step", "ms median", "ms min", "spread",
+                "wall ms median"], rows))
 
     log("")
-    log("## (d) encoder calls, real Colorizer, tiny random checkpoint + tiny CLIP (batch 2, injection on)")
+    log("## ratios: measured (median of per-repetition ratios; ratio of minima) and arithmetic (FLOP counts)")
+    targets = dict(TARGETS, injection_ratio_b1="ours/original <= 0.85", injection_ratio_b4="ours/original <= 0.70")
+    arith_headers = [f"FLOPs {label} {res}px" for label, res in arith]
+    ratio_rows = [[key, figures[key], minima[key]] + [a[key] for a in arith.values()] + [targets.get(key, "")]
+                  for key in JSON_KEYS[:6]]
+    for batch, target in ((1, "<= 0.85"), (4, "<= 0.70")):
+        ours, orig = f"injection_ratio_b{batch}", f"injection_ratio_original_b{batch}"
+        ratio_rows.append([f"ours / original (b{batch})", figures[ours] / figures[orig], minima[ours] / minima[orig]]
+                          + [a[ours] / a[orig] for a in arith.values()] + [target])
+    if args.early_stop:
+        for batch in (1, 4):
+            es, orig = f"ours_es_b{batch}", f"original_b{batch}"
+            measured = bench.ratio(es, f"off_b{batch}")
+            minimum = bench.ratio_of_minima(es, f"off_b{batch}")
+            ratio_rows.append([f"early stop (prototype): injection ratio b{batch}", measured, minimum]
+                              + [a[f"early_stop_injection_ratio_b{batch}"] for a in arith.values()] + [""])
+            ratio_rows.append([f"early stop (prototype): ours / original b{batch}",
+                               measured / figures[f"injection_ratio_original_b{batch}"],
+                               minimum / minima[f"injection_ratio_original_b{batch}"]]
+                              + [a[f"early_stop_injection_ratio_b{batch}"] / a[f"injection_ratio_original_b{batch}"]
+                                 for a in arith.values()] + ["<= 0.85" if batch == 1 else "<= 0.70"])
+    ratio_rows.append(["guided_call / unhooked U-Net, 3 rows", bench.ratio("off_b1", "plain3"),
+                       bench.ratio_of_minima("off_b1", "plain3")] + [1.0 for _ in arith] + ["(c) incl. the denoiser"])
+    log(_table(["ratio", "measured", "of minima"] + arith_headers + ["target"], ratio_rows))
+    checks = [["max abs(ours - original), b1", bench.max_abs_diff("ours_b1", "original_b1")],
+              ["max abs(ours - original), b4", bench.max_abs_diff("ours_b4", "original_b4")]]
+    if args.early_stop:
+        checks += [[f"max abs(early stop - ours), b{b}", bench.max_abs_diff(f"ours_es_b{b}", f"ours_b{b}")]
+                   for b in (1, 4)]
+    log(_table(["same result (denoiser outputs of the warm-up step)", "value"], checks))
+
+    log("")
+    log("## (d) encoder calls, real Colorizer, tiny random checkpoint + tiny CLIP (batch 2, both scales, injection)")
     with tempfile.TemporaryDirectory(prefix="cd-bench-") as workdir:
-        calls = encoder_calls(size, torch.device("cpu") if device.type != "cuda" else device, workdir)
+        calls = encoder_calls(size, device if device.type == "cuda" else torch.device("cpu"), workdir)
     gen_rows = []
     for index, gen in enumerate(calls["generations"]):
         stats = gen["stats"]
-        rows_per_call = stats.get("unet_rows", 0) / max(1, stats.get("unet_calls", 0))
+        unet_calls = max(1, stats.get("unet_calls", 0))
         gen_rows.append([f"generation {index + 1}" + (" (same reference)" if index else ""),
                          gen["sketch_encoder_calls"], gen["reference_encoder_calls"],
-                         gen["token_cache_encode_calls"], rows_per_call,
-                         stats.get("write_rows", 0) / max(1, stats.get("unet_calls", 0)), gen["live_hooks_after"]])
+                         gen["token_cache_encode_calls"], stats.get("unet_rows", 0) / unet_calls,
+                         stats.get("write_rows", 0) / unet_calls, gen["live_hooks_after"]])
     log(_table(["generation", "sketch encoder calls", "reference encoder calls", "token-cache encodes",
                 "U-Net rows/call", "write rows/call", "hooks left"], gen_rows))
     figures["sketch_encoder_calls"] = int(calls["sketch_encoder_calls"])
     figures["reference_encoder_calls_repeat"] = int(calls["reference_encoder_calls_repeat"])
 
-    memory = None
     if args.no_memory:
         figures["peak_memory_ratio"] = float("nan")
     else:
         log("")
-        log(f"## (e) peak memory of one generation ({size.memory_steps} steps, {size.resolution}x{size.resolution},"
-            f" batch 1), one subprocess each")
-        memory = measure_memory(size, device, dtype, log=lambda s: None)
+        log(f"## (e) peak memory growth of one generation ({size.memory_steps} steps, "
+            f"{size.resolution}x{size.resolution}, batch 1, tiny VAE/sketch encoder/CLIP), one subprocess each")
+        memory = measure_memory(size, device, dtype, threads=threads, log=lambda s: None)
         base = memory["plain"]["peak_bytes"]
+        base_sampling = memory["plain"]["segments"].get("sampling", float("nan"))
         mem_rows = []
         for config, result in memory.items():
-            mem_rows.append([config, result["method"], result["peak_bytes"] / 2 ** 20,
-                             result["first_run_peak_bytes"] / 2 ** 20, result["retained_bytes"] / 2 ** 20,
-                             result["peak_bytes"] / base if base > 0 else float("nan")])
-        log(_table(["generation", "measure", "peak growth MiB", "first run MiB", "retained MiB", "over plain"],
-                   mem_rows))
+            segments = result["segments"]
+            mem_rows.append([config, result["method"], segments.get("conditioning"), segments.get("sampling"),
+                             segments.get("decode"), result["peak_bytes"],
+                             result["peak_bytes"] / base if base > 0 else float("nan"),
+                             segments.get("sampling", float("nan")) / base_sampling if base_sampling > 0
+                             else float("nan"),
+                             result["first_run_peak_bytes"], result["retained_bytes"]])
+        mem_rows = [[v / 2 ** 20 if isinstance(v, (int, float)) and i in (2, 3, 4, 5, 8, 9) else v
+                     for i, v in enumerate(row)] for row in mem_rows]
+        log(_table(["generation", "measure", "conditioning MiB", "sampling MiB", "decode MiB", "peak MiB",
+                    "peak over plain", "sampling over plain", "first run MiB", "retained MiB"], mem_rows))
         worst = "ours" if "ours" in memory else list(memory)[-1]
         figures["peak_memory_ratio"] = memory[worst]["peak_bytes"] / base if base > 0 else float("nan")
 
-    spi = None
     if args.seconds_per_image or device.type == "cuda":
         log("")
-        log("## seconds per image (Colorizer, batch 1, 20 steps, dual guidance)")
+        log("## seconds per image (Colorizer, batch 1, dual guidance, random full-size weights, tiny CLIP)")
         spi = seconds_per_image(size, device, dtype, resolutions=(128,) if args.quick else (512, 768),
                                 steps=2 if args.quick else 20, reps=1 if args.quick else 2)
-        log(_table(["resolution", "injection", "s/image", "peak VRAM GiB"],
-                   [[r["resolution"], r["injection"], r["seconds"],
+        log(_table(["resolution", "injection", "steps", "s/image", "peak VRAM GiB"],
+                   [[r["resolution"], r["injection"], r["steps"], r["seconds"],
                      r["peak_vram_bytes"] / 2 ** 30 if r["peak_vram_bytes"] is not None else None] for r in spi]))
 
     log("")
-    log("## figures")
-    figure_rows = [[key, figures[key], TARGETS.get(key, "")] for key in JSON_KEYS]
-    figure_rows[2][2] = figure_rows[3][2] = "ours / original: <= 0.85 (b1), <= 0.70 (b4)"
-    log(_table(["key", "value", "target"], figure_rows + extra))
+    log("## figures (the JSON line below)")
+    log(_table(["key", "value", "target"], [[key, figures[key], targets.get(key, "")] for key in JSON_KEYS]))
     log(f"(total {time.perf_counter() - started:.0f} s)")
     result = {key: figures[key] for key in JSON_KEYS}
     print(json.dumps(result))
@@ -836,7 +1053,7 @@ def _argv_text(args) -> list:
         text.append("--quick")
     else:
         text += ["--size", args.size]
-    for flag in ("device", "dtype", "reps"):
+    for flag in ("device", "dtype", "reps", "threads"):
         value = getattr(args, flag)
         if value is not None:
             text += [f"--{flag}", str(value)]
@@ -849,12 +1066,14 @@ def _argv_text(args) -> list:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     if args.memory_worker:
-        size = SIZES["quick" if args.quick else args.size]
-        device = torch.device(args.device or "cpu")
-        dtype = getattr(torch, args.dtype or "float32")
+        size, device, dtype, _ = _resolve(args)
         print(json.dumps(memory_worker(args.memory_worker, size, device, dtype)))
         return 0
-    run(args)
+    threads = torch.get_num_threads()
+    try:
+        run(args)
+    finally:
+        torch.set_num_threads(threads)   # in-process callers (tests) keep their setting
     return 0
 
 

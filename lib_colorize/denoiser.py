@@ -29,7 +29,7 @@ import torch
 
 from .guidance import (COND, REF_DROPPED, SKETCH_DROPPED, GuidanceMode, combine, progress,
                        reference_window_open, row_roles, split_rows)
-from .hooks import READ, WRITE, ColorizeHooks
+from .hooks import READ, WRITE, ColorizeHooks, WritePassDone
 
 InnerModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NoisedReference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -116,6 +116,8 @@ def _write_pass(plan, hooks, inner_model, noised_reference, sigma, roles, batch,
     hooks.set_call(inj.hints, injection_mode=WRITE)
     try:
         inner_model(x_ref, sigma0.expand(rows), write_context)   # output discarded: only the bank matters
+    except WritePassDone:
+        pass   # the last attn1 has written the bank; the rest of the U-Net was skipped (hooks.stop_write_early)
     finally:
         hooks.row_hints = None
     plan.stats["write_rows"] += rows
@@ -135,10 +137,16 @@ def guided_call(plan: GenerationPlan, hooks: ColorizeHooks, inner_model: InnerMo
     sigma = sigma.reshape(-1).expand(batch) if sigma.numel() in (1, batch) else sigma
     tau = progress(t)
     window_open = reference_window_open(tau, *plan.window)
-    contexts = row_contexts(plan, roles, batch, window_open)
-    hints = row_hints(plan, roles, batch)
     inj = plan.injection
     inject = inj is not None and tau >= inj.start
+    all_roles = roles
+    if (not window_open and COND in roles and REF_DROPPED in roles
+            and not (inject and inj.reference_fidelity > 1e-5)):
+        # outside the window the reference-dropped rows have the cond rows' inputs (x, sketch hints, the one-token
+        # zero context, the same bank row) and so their output: evaluate them once (method §5.4: D_c = D_u0)
+        roles = tuple(r for r in roles if r != REF_DROPPED)
+    contexts = row_contexts(plan, roles, batch, window_open)
+    hints = row_hints(plan, roles, batch)
     try:
         bank_index = None
         if inject:
@@ -169,5 +177,8 @@ def guided_call(plan: GenerationPlan, hooks: ColorizeHooks, inner_model: InnerMo
         output = torch.cat(outputs, dim=0)
     finally:
         hooks.clear_call()
-    return combine(split_rows(output, roles), plan.mode, plan.reference_guidance, plan.sketch_guidance)
+    outputs_by_role = split_rows(output, roles)
+    if REF_DROPPED in all_roles and REF_DROPPED not in roles:
+        outputs_by_role[REF_DROPPED] = outputs_by_role[COND]
+    return combine(outputs_by_role, plan.mode, plan.reference_guidance, plan.sketch_guidance)
 

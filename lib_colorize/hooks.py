@@ -58,6 +58,11 @@ def remove_all_hooks() -> int:
     return len(hooks)
 
 
+class WritePassDone(Exception):
+    """Raised by the last ``attn1`` of a write pass once the bank is complete (``stop_write_early``); the
+    denoiser catches it: the rest of the reference pass would only compute an output that is discarded."""
+
+
 class ColorizeHooks:
     """The per-generation hook set on one U-Net.
 
@@ -66,7 +71,7 @@ class ColorizeHooks:
     """
 
     def __init__(self, unet: nn.Module, layer_scales: Optional[Sequence[float]] = None,
-                 injection: bool = False):
+                 injection: bool = False, stop_write_early: bool = False):
         self.unet = unet
         self.input_blocks = getattr(unet, "input_blocks")
         self.blocks = transformer_blocks(unet)
@@ -74,6 +79,7 @@ class ColorizeHooks:
             raise ValueError(f"{len(layer_scales)} layer scales for {len(self.blocks)} transformer blocks")
         self.layer_scales = [float(s) for s in layer_scales] if layer_scales is not None else None
         self.injection = injection
+        self.stop_write_early = stop_write_early
         self._handles: list = []
         # per-call state (set_call / clear_call)
         self.row_hints: Optional[list[torch.Tensor]] = None
@@ -187,6 +193,8 @@ class ColorizeHooks:
             hidden = args[0] if args else kwargs["x"]
             if self.injection_mode == WRITE:
                 self._bank[index] = hidden.detach()
+                if self.stop_write_early and len(self._bank) == len(self.blocks):
+                    raise WritePassDone()
                 return None
             bank = self._bank.get(index) if self.keep_bank else self._bank.pop(index, None)
             if bank is None:

@@ -216,7 +216,7 @@ class Colorizer:
         def inner_model(x_in, sigma_in, context):
             return denoiser(x_in, sigma_in, context=context)
 
-        hooks = ColorizeHooks(unet, layer_scales=scales, injection=injection is not None)
+        hooks = ColorizeHooks(unet, layer_scales=scales, injection=injection is not None, stop_write_early=True)
 
         def model(x, sigma):
             return guided_call(plan, hooks, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),

@@ -368,3 +368,38 @@ def test_injection_start_gates_the_reference_pass_and_unbatched_calls_agree():
     for phase in ("early", "late"):
         together, separate = results[(True, phase)], results[(False, phase)]
         assert (together - separate).abs().max() <= 1e-4 * together.abs().max()
+
+
+def test_write_pass_stops_after_the_last_bank_entry_with_the_same_result():
+    unet = tiny_unet(5)
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(21))
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(22))
+    t = torch.full((2,), 400.0)
+    results, out_calls = {}, {}
+    for early in (False, True):
+        plan = make_plan(unet, (4.0, 2.0), injection=InjectionPlan(
+            reference_latent=latent, hints=None, reference_fidelity=0.6,
+            noise_generator=torch.Generator().manual_seed(1)))
+        calls = []
+        handle = unet.out.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+        with ColorizeHooks(unet, injection=True, stop_write_early=early) as hooks:
+            results[early] = guided_call(plan, hooks, lambda xi, si, c: unet(xi, si, c), x, t, t,
+                                         noised_reference=q_sample)
+        handle.remove()
+        out_calls[early] = calls
+    assert torch.equal(results[False], results[True])
+    assert out_calls[False] == [2, 6] and out_calls[True] == [6], "the write pass never reaches the output layer"
+
+
+def test_closed_window_evaluates_the_reference_dropped_rows_once():
+    unet = tiny_unet()
+    plan = make_plan(unet, (5.0, 2.0), window=(0.5, 1.0, -0.05, -0.05))
+    x = torch.randn(2, 4, 16, 16)
+    with ColorizeHooks(unet) as hooks:
+        closed = guided_call(plan, hooks, lambda xi, si, c: unet(xi, si, c), x, torch.full((2,), 900.0), 900.0)
+    assert plan.stats["unet_rows"] == 4, "c and u_sketch only: u_ref equals c outside the window"
+    roles, ctx, hints = restated_rows(plan, 2, False)
+    with torch.no_grad():
+        out = restated_unet(unet, x.repeat(3, 1, 1, 1), torch.full((6,), 900.0), ctx, hints)
+    expected = restated_combine(out.chunk(3), roles, 5.0, 2.0)
+    assert (closed - expected).abs().max() <= 1e-4 * expected.abs().max()
