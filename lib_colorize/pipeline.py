@@ -77,11 +77,29 @@ class ColorizeResult:
     stats: dict = field(default_factory=dict)
 
 
+class OffloadedEncoder(torch.nn.Module):
+    """The OpenCLIP image tower (about 0.6 B parameters) waits on the CPU and visits ``device`` for one encode
+    (issue 6: off the GPU between encodes). Cache lookups see it on the CPU, so cache keys stay stable."""
+
+    def __init__(self, encoder: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.inner = encoder.to("cpu")
+        self.run_device = device
+        self.instance_id = id(encoder)
+
+    def encode_full(self, images: torch.Tensor) -> torch.Tensor:
+        self.inner.to(self.run_device)
+        try:
+            return self.inner.encode_full(images.to(self.run_device))
+        finally:
+            self.inner.to("cpu")
+
+
 class Colorizer:
     """Loaded models of one checkpoint; :meth:`colorize` is one generation."""
 
     def __init__(self, checkpoint, clip, *, device="cpu", dtype=torch.float32, models_dir=None,
-                 allow_download: bool = True, token_cache=None):
+                 allow_download: bool = True, token_cache=None, keep_clip_on_device: bool = False):
         from .models.clip import ReferenceTokenCache
 
         self.checkpoint = checkpoint
@@ -93,6 +111,10 @@ class Colorizer:
         self.allow_download = allow_download
         self.schedule = NoiseSchedule.scaled_linear()
         self.token_cache = token_cache if token_cache is not None else ReferenceTokenCache()
+        reference = clip.reference
+        if reference is not None and self.device.type != "cpu" and not keep_clip_on_device:
+            reference = OffloadedEncoder(reference, self.device)
+        self.reference_encoder = reference
         self.stats = {"sketch_encoder_calls": 0}
 
     @classmethod
@@ -102,8 +124,11 @@ class Colorizer:
         from .models.clip import load_clip
 
         checkpoint = load_checkpoint(checkpoint_path, dtype=dtype, device=device)
+        # CLIP is loaded on the CPU: Colorizer moves the image tower to the GPU only for an encode
         clip = load_clip(clip_arch, weights=clip_weights, models_dir=models_dir, allow_download=allow_download,
-                         device=device, dtype=torch.float32)
+                         device="cpu", dtype=torch.float32)
+        if clip.text is not None:
+            clip.text.to(device)
         return cls(checkpoint, clip, device=device, dtype=dtype, models_dir=models_dir,
                    allow_download=allow_download)
 
@@ -127,8 +152,7 @@ class Colorizer:
         return width, height
 
     def encode_reference_full(self, image: torch.Tensor) -> torch.Tensor:
-        encoder = self.clip.reference
-        tokens = self.token_cache.get_or_encode(encoder, image.to(encoder.device, encoder.dtype))
+        tokens = self.token_cache.get_or_encode(self.reference_encoder, image.float())
         return tokens.to(self.device, self.dtype)
 
     def encode_text(self, texts):
