@@ -557,6 +557,54 @@ def encoder_calls(size: BenchSize, device: torch.device, workdir: str) -> dict:
     }
 
 
+def endurance(generations: int, workdir: str, device: torch.device, log=print) -> dict:
+    """Issue 7: many consecutive generations with varying inputs through one Colorizer (tiny models).
+
+    Each generation changes the reference, guidance mode, injection, layer scales, manipulations and the
+    batch size; between generations no hook may remain. Reports resident memory (VmRSS) after the first
+    quarter of the run (warm-up: allocator pools, caches filling) and at the end, and the growth between them.
+    """
+    import gc
+    import random as _random
+
+    from .hooks import live_hook_count
+    from .models.clip import load_clip
+    from .options import ColorizeOptions, Manipulation
+    from .pipeline import Colorizer, SamplingOptions
+    from .testing.checkpoints import make_checkpoint
+    from .testing.clip import TINY_CLIP_NAME, make_tiny_clip_weights, register_tiny_clip
+
+    register_tiny_clip()
+    ckpt_path = make_checkpoint(os.path.join(workdir, "mult-eps-endurance.safetensors"), "v1", "tiny",
+                                context_dim=32)
+    clip_path = make_tiny_clip_weights(os.path.join(workdir, "open_clip_pytorch_model.bin"))
+    colorizer = Colorizer(load_checkpoint_file(ckpt_path, device, torch.float32),
+                          load_clip(TINY_CLIP_NAME, weights=clip_path, device=device), device=device)
+    rng = _random.Random(0)
+    rss, hooks_between = [], []
+    for index in range(generations):
+        options = ColorizeOptions(
+            enabled=True, sketch=synthetic_image(64, index), reference=synthetic_image(48, 1000 + index),
+            reference_guidance=rng.choice([1.0, 3.0, 5.0]), sketch_guidance=rng.choice([1.0, 2.0]),
+            injection=index % 2 == 1, layer_scales=(rng.random(),) * 16 if index % 3 == 0 else None,
+            manipulations=(Manipulation(target="red", control="hair", scale=2.0),) if index % 4 == 0 else ())
+        sampling = SamplingOptions(sampler=rng.choice(["Euler", "Euler a", "DPM++ 2M", "DDIM"]), steps=2,
+                                   seed=index, width=64, height=64, batch_size=1 + index % 2)
+        colorizer.colorize(options, sampling)
+        hooks_between.append(live_hook_count())
+        gc.collect()
+        rss.append(_vm_kib("VmRSS") or 0)
+    warm = rss[max(0, generations // 4 - 1)]
+    result = {"generations": generations, "rss_mib_after_warmup": warm / 1024, "rss_mib_end": rss[-1] / 1024,
+              "rss_growth_mib": (rss[-1] - warm) / 1024, "max_live_hooks_between": max(hooks_between),
+              "token_cache_entries": len(colorizer.token_cache)}
+    log(f"endurance: {generations} generations, RSS {result['rss_mib_after_warmup']:.1f} MiB after warm-up -> "
+        f"{result['rss_mib_end']:.1f} MiB at the end (growth {result['rss_growth_mib']:+.1f} MiB), "
+        f"live hooks between generations: {result['max_live_hooks_between']}, "
+        f"token cache entries: {result['token_cache_entries']} (bounded)")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # (e) peak memory, one subprocess per configuration
 
@@ -876,6 +924,9 @@ def _parse_args(argv):
                         help="also time the early-stop prototype of the write pass (table only)")
     parser.add_argument("--seconds-per-image", action="store_true",
                         help="time whole generations at 512 and 768 (default on cuda)")
+    parser.add_argument("--endurance", type=int, default=None, metavar="N",
+                        help="only run N consecutive varied generations (tiny models) and report memory growth "
+                             "and hooks left between them (issue 7)")
     parser.add_argument("--no-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1068,6 +1119,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.memory_worker:
         size, device, dtype, _ = _resolve(args)
         print(json.dumps(memory_worker(args.memory_worker, size, device, dtype)))
+        return 0
+    if args.endurance:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="cd-endurance-") as workdir:
+            print(json.dumps(endurance(args.endurance, workdir, torch.device(args.device or "cpu"))))
         return 0
     threads = torch.get_num_threads()
     try:

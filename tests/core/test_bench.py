@@ -88,3 +88,17 @@ def _meta_unet():
     dims = bench.bench_dims(bench.SIZES["quick"])
     with torch.device("meta"):
         return UNetModel(UNetConfig(model_channels=dims.model_channels, context_dim=dims.context_dim)).eval()
+
+
+def test_endurance_mode_leaves_no_hooks_and_bounds_the_cache(tmp_path):
+    """Issue 7 endurance, smoke-sized: varied generations leave no hook behind and the token cache stays
+    bounded. Memory growth is reported by `python -m lib_colorize.bench --endurance 50`, not asserted here."""
+    import torch
+
+    from lib_colorize.bench import endurance
+
+    result = endurance(10, str(tmp_path), torch.device("cpu"), log=lambda *a: None)
+    assert result["generations"] == 10
+    assert result["max_live_hooks_between"] == 0
+    assert result["token_cache_entries"] <= 8
+    assert result["rss_mib_end"] > 0
