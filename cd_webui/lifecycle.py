@@ -1,0 +1,363 @@
+"""Per-generation state and hook lifecycle of the ColorizeDiffusion script (webui-integration §1.3-1.6).
+
+============================  ================================================================================
+script hook                   what happens
+============================  ================================================================================
+``before_process``            self-heal: remove hooks left by a crashed earlier run; reset the per-``p`` state
+                              (the img2img batch tab reuses ``p``); undo an earlier ``p.sample`` wrapper
+``process``                   parse the args (:func:`cd_webui.args.parse_script_args`, ``p.cd_*`` overrides
+                              first), write the ``CD ...`` infotext, validate (ColorizeDiffusion checkpoint, no
+                              refiner, supported sampler), encode the reference; wrap ``p.sample``
+``process_before_every_``     per sampling pass (twice with hires fix): the sketch at this pass's size, the
+``sampling``                  injection latent, the plan; install :class:`~lib_colorize.hooks.ColorizeHooks`;
+                              bind our forward to ``p.sampler.model_wrap_cfg`` (:mod:`cd_webui.sampling`)
+``p.sample`` wrapper          raises the user errors collected above (the runner swallows exceptions in
+                              ``process``; these reach the UI/API), and ALWAYS removes the hooks (``finally``)
+``postprocess_image``         "Crop result"
+``postprocess``               remove hooks; add the processed sketch / heat map to the gallery when asked
+============================  ================================================================================
+
+Disabled: nothing is installed, ``p`` is not touched (except that stale ``CD ...`` infotext keys of an earlier
+X/Y/Z cell are removed), so the output is bit-identical to a webui without the extension.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from lib_colorize import conditioning
+from lib_colorize.denoiser import InjectionPlan
+from lib_colorize.errors import ColorizeError, InvalidInput
+from lib_colorize.guidance import cross_attention_scales
+from lib_colorize.hooks import ColorizeHooks, remove_all_hooks
+from lib_colorize.options import NUM_ATTENTION_LAYERS, ColorizeOptions
+
+from . import model, sampling
+
+logger = logging.getLogger(__name__)
+
+STATE_ATTR = "colorize_state"
+#: Samplers whose denoiser contract the override cannot honour.
+UNSUPPORTED_SAMPLERS = {"DDIM CFG++": "it rescales CFG internally (cond_scale_miltiplier / last_noise_uncond)"}
+
+
+@dataclass
+class GenerationState:
+    """Everything one ``process_images`` call needs across the script hooks (kept on ``p``)."""
+
+    options: Optional[ColorizeOptions] = None
+    error: Optional[BaseException] = None
+    is_img2img: bool = False
+    scales: Optional[list] = None
+    tokens: Optional[torch.Tensor] = None        # reference context (1, N, D), after manipulation
+    hooks: Optional[ColorizeHooks] = None
+    context: Optional[sampling.SamplingContext] = None
+    passes: int = 0
+    first_size: Optional[tuple] = None           # (W, H) of the first sampling pass
+    box: Optional[tuple] = None                  # sketch box in the first pass, for "Crop result"
+    sketch_preview: Any = None                   # the line art the model saw (first pass), PIL
+    stats: dict = field(default_factory=dict)
+
+    def release(self) -> None:
+        """Remove this generation's hooks (idempotent)."""
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+
+
+def get_state(p) -> Optional[GenerationState]:
+    return getattr(p, STATE_ATTR, None)
+
+
+def is_img2img(p) -> bool:
+    try:
+        from modules.processing import StableDiffusionProcessingImg2Img
+
+        return isinstance(p, StableDiffusionProcessingImg2Img)
+    except ImportError:  # pragma: no cover
+        return hasattr(p, "init_images")
+
+
+# ------------------------------------------------------------------------------------------ before_process
+def before_process(p, *args) -> None:
+    removed = remove_all_hooks()
+    if removed:
+        print(f"ColorizeDiffusion: removed {removed} hook set(s) left over from an interrupted generation")
+    state = get_state(p)
+    if state is not None:
+        state.release()
+    setattr(p, STATE_ATTR, None)
+    _unwrap_sample(p)
+
+
+# ------------------------------------------------------------------------------------------------- process
+def _raw_enabled(args: Sequence[Any], p) -> bool:
+    """Whether the user asked for ColorizeDiffusion, read without validating anything."""
+    override = getattr(p, "cd_enabled", None)
+    if override is not None:
+        value = override
+    elif args and isinstance(args[0], dict):
+        value = args[0].get("enabled", False)
+    else:
+        value = args[0] if args else False
+    return value is True or str(value).strip().lower() == "true"
+
+
+def _pop_infotext(p) -> None:
+    from lib_colorize.infotext import INFOTEXT_KEYS
+
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict):
+        for key in INFOTEXT_KEYS:
+            params.pop(key, None)
+
+
+def process(p, *args) -> None:
+    """Resolve options, write infotext, validate and prepare; errors are raised later from ``p.sample``."""
+    from lib_colorize.infotext import options_to_infotext
+
+    from .args import parse_script_args
+
+    _pop_infotext(p)
+    state = GenerationState(is_img2img=is_img2img(p))
+    try:
+        options = parse_script_args(args, p, is_img2img=state.is_img2img)
+    except Exception as error:  # noqa: BLE001 - reported through p.sample when enabled
+        if not _raw_enabled(args, p):
+            logger.debug("ColorizeDiffusion disabled; ignored unparsable args: %s", error)
+            return
+        state.error = error
+        setattr(p, STATE_ATTR, state)
+        _wrap_sample(p, state)
+        return
+    if not options.enabled:
+        return
+    state.options = options
+    setattr(p, STATE_ATTR, state)
+    _wrap_sample(p, state)
+    p.extra_generation_params.update(options_to_infotext(options))
+    try:
+        _prepare(p, state)
+    except Exception as error:  # noqa: BLE001 - raised from p.sample (the runner would swallow it here)
+        state.error = error
+
+
+def _check_supported(p) -> None:
+    refiner = getattr(p, "refiner_checkpoint", None)
+    if refiner and str(refiner) not in ("None", ""):
+        raise InvalidInput("refiner", "ColorizeDiffusion cannot be combined with the refiner (an SDXL feature); "
+                                      "turn the refiner off")
+    for name in (getattr(p, "sampler_name", None), getattr(p, "hr_sampler_name", None)):
+        if name in UNSUPPORTED_SAMPLERS:
+            raise InvalidInput("sampler", f"the {name} sampler is not supported with ColorizeDiffusion: "
+                                          f"{UNSUPPORTED_SAMPLERS[name]}; choose another sampler")
+
+
+def _context_dim(unet) -> int:
+    from lib_colorize.hooks import transformer_blocks
+
+    blocks = transformer_blocks(unet)
+    if not blocks:
+        raise ColorizeError("ColorizeDiffusion: the loaded U-Net has no transformer blocks")
+    to_k = blocks[0].attn2.to_k
+    return int(getattr(to_k, "in_features", to_k.weight.shape[1]))
+
+
+def _unet_of(p):
+    sd_model = getattr(p, "sd_model", None)
+    if sd_model is None:
+        from modules import shared
+
+        sd_model = shared.sd_model
+    return sd_model, sd_model.model.diffusion_model
+
+
+def _unet_dtype(unet) -> torch.dtype:
+    return next(unet.parameters()).dtype
+
+
+def _prepare(p, state: GenerationState) -> None:
+    """Validation and everything that does not depend on the sampling size (once per generation)."""
+    from lib_colorize.preprocess import image_to_tensor, pad_reference_with_margin
+
+    options = state.options
+    _check_supported(p)
+    sd_model, unet = _unet_of(p)
+    model.require_colorize_model(sd_model)
+    if options.sketch is None:
+        raise InvalidInput("sketch", "ColorizeDiffusion is enabled but no sketch was given")
+    state.scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
+                                          num_layers=NUM_ATTENTION_LAYERS)
+    reference = None
+    if options.reference is not None:
+        reference = image_to_tensor(pad_reference_with_margin(options.reference, options.pad_reference))
+    manipulations = options.active_manipulations
+    tokens = conditioning.reference_tokens(model.encode_reference_full, reference, manipulations,
+                                           model.encode_text if manipulations else None,
+                                           context_dim=_context_dim(unet))
+    # the compute device, not the U-Net's parameters' (under --lowvram those wait on the CPU between calls)
+    state.tokens = tokens.to(device=model.compute_device(), dtype=_unet_dtype(unet))
+
+
+# ------------------------------------------------------------------------------------------- p.sample wrapper
+def _wrap_sample(p, state: GenerationState) -> None:
+    _unwrap_sample(p)
+    original = p.sample
+
+    def sample(*args, **kwargs):
+        try:
+            if state.error is not None:
+                raise state.error
+            result = original(*args, **kwargs)
+            if state.error is not None:  # a sampling pass could not be prepared (its hook error was swallowed)
+                raise state.error
+            return result
+        finally:
+            state.release()
+
+    sample.colorize_original = original
+    p.sample = sample
+
+
+def _unwrap_sample(p) -> None:
+    current = getattr(p, "__dict__", {}).get("sample")
+    original = getattr(current, "colorize_original", None)
+    if original is not None:
+        if getattr(original, "__self__", None) is p and getattr(original, "__func__", None) is getattr(
+                type(p), "sample", None):
+            del p.__dict__["sample"]
+        else:
+            p.sample = original
+
+
+# -------------------------------------------------------------------------------- process_before_every_sampling
+def process_before_every_sampling(p, *args, **kwargs) -> None:
+    state = get_state(p)
+    if state is None or (state.options is None and state.error is None):
+        return
+    context = sampling.SamplingContext()
+    try:
+        denoiser = sampling.sampler_denoiser(p)
+    except Exception as error:  # noqa: BLE001
+        state.error = error
+        return
+    sampling.bind(denoiser, context)
+    state.context = context
+    state.release()  # the previous pass's hooks (hires fix: first pass)
+    if state.error is not None:
+        context.error = state.error
+        return
+    try:
+        _prepare_pass(p, state, context, kwargs.get("x"))
+    except Exception as error:  # noqa: BLE001 - raised by the forward / p.sample
+        state.release()
+        context.error = error
+        state.error = error
+
+
+def make_hooks(unet, scales, injection: bool) -> ColorizeHooks:
+    """The hook set; with injection, the write pass stops after the last bank write when the core supports it."""
+    import inspect
+
+    kwargs = {}
+    if injection and "stop_write_early" in inspect.signature(ColorizeHooks).parameters:
+        kwargs["stop_write_early"] = True
+    return ColorizeHooks(unet, layer_scales=scales, injection=injection, **kwargs)
+
+
+def _extractor(options: ColorizeOptions):
+    from lib_colorize.extractors import extract_lines
+
+    def extract(image, size):
+        return extract_lines(options.line_extractor, image, size, models_dir=model.models_dir(),
+                             device=model.compute_device(), allow_download=model.downloads_allowed())
+
+    return extract
+
+
+def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, x) -> None:
+    from lib_colorize.preprocess import prepare_sketch, reference_for_injection, tensor_to_images
+
+    options = state.options
+    sd_model, unet = _unet_of(p)
+    if x is None:
+        raise RuntimeError("ColorizeDiffusion: process_before_every_sampling got no latent")
+    height, width = int(x.shape[-2]) * 8, int(x.shape[-1]) * 8
+    device, dtype = x.device, _unet_dtype(unet)  # x lives where the U-Net computes (also under --lowvram)
+    extractor = _extractor(options) if options.sketch_mode == "extract" else None
+    sketch, box = prepare_sketch(options.sketch, options.sketch_mode, (height, width), extractor)
+    injection_reference = None
+    if options.injection and options.reference is not None:
+        injection_reference = reference_for_injection(options.reference, (height, width))
+    encoder = model.sketch_encoder(sd_model)
+    with model.on_device(encoder):
+        sketch_hints, blank_hints, injection_hints = conditioning.encode_sketch_hints(
+            encoder, sketch.to(model.compute_device()), options.sketch_strength, injection_reference,
+            options.injection_sketch_fidelity, state.stats)
+
+    def to_unet(tensors):
+        return None if tensors is None else [t.to(device=device, dtype=dtype) for t in tensors]
+
+    seed = int(p.seeds[0]) if getattr(p, "seeds", None) else int(getattr(p, "seed", 0))
+    injection = None
+    if injection_reference is not None:
+        from modules import devices
+
+        vae_input = injection_reference.to(device=device, dtype=getattr(devices, "dtype_vae", torch.float32))
+        latent = conditioning.injection_latent(sd_model.encode_first_stage, vae_input,
+                                               torch.Generator().manual_seed(seed))
+        injection = InjectionPlan(reference_latent=latent.to(device=device, dtype=dtype),
+                                  hints=to_unet(injection_hints),
+                                  reference_fidelity=options.injection_reference_fidelity,
+                                  start=options.injection_start,
+                                  noise_generator=torch.Generator().manual_seed(seed + 1))
+    plan = conditioning.build_plan(options, sketch_hints=to_unet(sketch_hints), blank_hints=to_unet(blank_hints),
+                                   tokens=state.tokens, injection=injection)
+    hooks = make_hooks(unet, state.scales, injection is not None).install()
+    state.hooks = hooks
+    context.plan, context.hooks, context.stats = plan, hooks, plan.stats
+    state.passes += 1
+    if state.first_size is None:
+        state.first_size, state.box = (width, height), box
+        if options.return_sketch:
+            state.sketch_preview = tensor_to_images(sketch)[0]
+
+
+# ------------------------------------------------------------------------------------------------ postprocess
+def postprocess_image(p, pp, *args) -> None:
+    state = get_state(p)
+    if state is None or state.options is None or not state.options.crop_result or state.box is None:
+        return
+    from lib_colorize.preprocess import crop_to_box
+
+    scale = pp.image.width / float(state.first_size[0]) if state.first_size else 1.0
+    pp.image = crop_to_box(pp.image, state.box, scale=scale)
+
+
+def postprocess(p, processed, *args) -> None:
+    state = get_state(p)
+    if state is None:
+        return
+    state.release()
+    options = state.options
+    if options is None or state.error is not None or not model.setting(model.SETTING_GALLERY, True):
+        return
+    extra = []
+    if options.return_sketch and state.sketch_preview is not None:
+        extra.append(state.sketch_preview)
+    if options.return_heatmap and options.manipulations and options.reference is not None:
+        try:
+            from .api import heatmap_for_options
+
+            extra.append(heatmap_for_options(options))
+        except ColorizeError as error:
+            print(f"ColorizeDiffusion: no heat map: {error}")
+    processed.images.extend(extra)
+
+
+def on_script_unloaded() -> None:
+    remove_all_hooks()
+    model.uninstall_config_resolver()

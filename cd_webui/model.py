@@ -1,0 +1,494 @@
+"""ColorizeDiffusion checkpoints inside the webui: config choice, extension weights, settings.
+
+What the webui loads itself (from the selected checkpoint and the YAML chosen here): the U-Net, the VAE and an
+unused OpenCLIP text tower. What this module adds, keyed by the loaded checkpoint:
+
+* **config** -- :func:`install_config_resolver` wraps ``sd_models_config.find_checkpoint_config`` so that a
+  ColorizeDiffusion checkpoint (``control_encoder.*`` keys) without a ``<name>.yaml`` beside it gets
+  ``configs/colorizediffusion-{eps,v}.yaml`` of this extension (webui-integration §4). A user's YAML next to the
+  file still wins, and every other checkpoint goes through the webui's own guess unchanged;
+* **schedule** -- :func:`repair_schedule` recomputes the LDM schedule buffers when a file lacks them (they would
+  otherwise load as zeros: black images);
+* **sketch encoder** -- read from the same file by key prefix (only those tensors), cached by
+  ``(path, mtime, size)`` and dropped when another checkpoint is loaded (:func:`on_model_loaded`);
+* **OpenCLIP ViT-H/14** (reference image tokens; text tower only for manipulation) -- from the models folder
+  (``--colorize-dir``, setting, or ``models/ColorizeDiffusion``), downloaded with the webui's downloader from
+  ``HF_ENDPOINT`` when allowed, else :class:`~lib_colorize.errors.MissingWeights` says what to put where.
+
+Low VRAM: with ``--lowvram``/``--medvram`` our modules live on the CPU and visit the GPU only while they run
+(the webui's own offloading does not know them); the reference encoder is moved off the GPU after use when the
+setting asks for it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from lib_colorize.errors import CheckpointError, MissingWeights, NotColorizeModel
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(EXTENSION_ROOT, "configs")
+CONFIGS = {"eps": os.path.join(CONFIG_DIR, "colorizediffusion-eps.yaml"),
+           "v": os.path.join(CONFIG_DIR, "colorizediffusion-v.yaml")}
+
+SETTINGS_SECTION = ("colorizediffusion", "ColorizeDiffusion")
+SETTING_MODELS_DIR = "colorize_models_path"
+SETTING_OFFLOAD = "colorize_offload_reference_encoder"
+SETTING_GALLERY = "colorize_extra_gallery_images"
+
+#: open_clip architecture of the reference encoder (tests swap in a tiny registered one).
+CLIP_ARCH = "ViT-H-14"
+
+_lock = threading.RLock()
+
+
+# --------------------------------------------------------------------------------------------------- settings
+def _shared():
+    from modules import shared
+
+    return shared
+
+
+def setting(key: str, default: Any) -> Any:
+    """A webui setting, safe before :func:`on_ui_settings` registered it."""
+    opts = getattr(_shared(), "opts", None)
+    data = getattr(opts, "data", None) or {}
+    value = data.get(key, default)
+    return default if value is None else value
+
+
+def on_ui_settings() -> None:
+    """Settings section "ColorizeDiffusion" (registered through ``script_callbacks.on_ui_settings``)."""
+    shared = _shared()
+    options = (
+        (SETTING_MODELS_DIR, "", "Folder for the OpenCLIP ViT-H/14 and line-extractor weights (empty: "
+                                 "models/ColorizeDiffusion; --colorize-dir overrides)"),
+        (SETTING_OFFLOAD, True, "Move the reference encoder (OpenCLIP ViT-H, about 2.5 GB) off the GPU after use"),
+        (SETTING_GALLERY, True, "Add the processed sketch / manipulation heat map to the outputs when a "
+                                "generation asks for them"),
+    )
+    for key, default, label in options:
+        shared.opts.add_option(key, shared.OptionInfo(default, label, section=SETTINGS_SECTION))
+
+
+def models_dir() -> str:
+    """Where the extension's own weights live: ``--colorize-dir`` > setting > ``<models>/ColorizeDiffusion``."""
+    shared = _shared()
+    folder = getattr(getattr(shared, "cmd_opts", None), "colorize_dir", None) or setting(SETTING_MODELS_DIR, "")
+    if not folder:
+        from modules import paths
+
+        folder = os.path.join(paths.models_path, "ColorizeDiffusion")
+    return os.path.abspath(os.path.expanduser(str(folder)))
+
+
+def downloads_allowed() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+# ----------------------------------------------------------------------------------------------------- config
+def config_for_keys(keys: Iterable[str], filename: str) -> Optional[str]:
+    """Our YAML for a ColorizeDiffusion key set (None for anything else): eps/v by the file-name rule."""
+    from lib_colorize.checkpoint import is_colorize_checkpoint, parameterization_for, version_from_keys
+
+    keys = list(keys)
+    if not is_colorize_checkpoint(keys):
+        return None
+    return CONFIGS[parameterization_for(filename or "", version_from_keys(keys))]
+
+
+def _make_resolver(original: Callable) -> Callable:
+    def find_checkpoint_config(state_dict, info):
+        if info is not None and state_dict is not None:
+            from modules import sd_models_config
+
+            if sd_models_config.find_checkpoint_config_near_filename(info) is None:
+                config = config_for_keys(state_dict.keys(), getattr(info, "filename", ""))
+                if config is not None:
+                    print(f"ColorizeDiffusion: using {os.path.basename(config)} for {info.filename}")
+                    return config
+        return original(state_dict, info)
+
+    find_checkpoint_config.colorize_original = original
+    return find_checkpoint_config
+
+
+def install_config_resolver() -> None:
+    """Make ColorizeDiffusion checkpoints load with our YAML (idempotent; undone by :func:`uninstall_config_resolver`)."""
+    from modules import sd_models_config
+
+    current = sd_models_config.find_checkpoint_config
+    if getattr(current, "colorize_original", None) is not None:
+        current = current.colorize_original
+    sd_models_config.find_checkpoint_config = _make_resolver(current)
+
+
+def uninstall_config_resolver() -> None:
+    from modules import sd_models_config
+
+    original = getattr(sd_models_config.find_checkpoint_config, "colorize_original", None)
+    if original is not None:
+        sd_models_config.find_checkpoint_config = original
+
+
+# ------------------------------------------------------------------------------------------------- checkpoint
+def checkpoint_path(sd_model=None) -> Optional[str]:
+    sd_model = sd_model if sd_model is not None else getattr(_shared(), "sd_model", None)
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    return getattr(info, "filename", None) or getattr(sd_model, "sd_model_checkpoint", None)
+
+
+def file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
+
+
+_info_cache: dict = {}
+
+
+def checkpoint_info(path: str):
+    """:func:`lib_colorize.checkpoint.inspect_checkpoint` (header only), cached by file key."""
+    from lib_colorize.checkpoint import inspect_checkpoint
+
+    key = file_key(path)
+    with _lock:
+        cached = _info_cache.get(key)
+    if cached is None:
+        cached = inspect_checkpoint(path)
+        with _lock:
+            _info_cache.clear()
+            _info_cache[key] = cached
+    return cached
+
+
+def require_colorize_model(sd_model=None):
+    """The checkpoint info of the loaded model; :class:`NotColorizeModel` with a clear message otherwise."""
+    path = checkpoint_path(sd_model)
+    if not path or not os.path.isfile(path):
+        raise NotColorizeModel("ColorizeDiffusion: no checkpoint file is loaded; select a ColorizeDiffusion "
+                               "checkpoint (mult-*.safetensors, switch-eps.safetensors, v2-full.safetensors)")
+    try:
+        return checkpoint_info(path)
+    except CheckpointError as error:
+        raise NotColorizeModel(f"ColorizeDiffusion is enabled but the selected checkpoint "
+                               f"{os.path.basename(path)} cannot be used: {error.problem}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+
+
+def schedule_values(num_timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012) -> dict:
+    """The LDM schedule buffers of the SD scaled-linear schedule (method §1.1), float64."""
+    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    ac = torch.cumprod(alphas, 0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    return {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": post_var,
+        "posterior_log_variance_clipped": torch.log(torch.clamp(post_var, min=1e-20)),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
+        "posterior_mean_coef2": (1 - ac_prev) * alphas.sqrt() / (1 - ac),
+    }
+
+
+def repair_schedule(sd_model) -> bool:
+    """Refill the schedule buffers in place when the checkpoint did not carry them (all zero / not finite).
+
+    Returns True when something was repaired.
+    """
+    ac = getattr(sd_model, "alphas_cumprod", None)
+    if not isinstance(ac, torch.Tensor) or ac.is_meta:
+        return False
+    ac32 = ac.detach().float()
+    if torch.isfinite(ac32).all() and float(ac32.min()) > 0 and float(ac32.max()) <= 1.0:
+        return False
+    values = schedule_values(int(ac.shape[0]), float(getattr(sd_model, "linear_start", 0.00085)),
+                             float(getattr(sd_model, "linear_end", 0.012)))
+    with torch.no_grad():
+        for name in SCHEDULE_BUFFERS:
+            buffer = getattr(sd_model, name, None)
+            if isinstance(buffer, torch.Tensor) and tuple(buffer.shape) == tuple(values[name].shape):
+                buffer.copy_(values[name].to(buffer.dtype))
+    print("ColorizeDiffusion: the checkpoint has no noise-schedule buffers; recomputed the SD scaled-linear schedule")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- device helpers
+def lowvram_active(sd_model=None) -> bool:
+    cmd_opts = getattr(_shared(), "cmd_opts", None)
+    return bool(getattr(cmd_opts, "lowvram", False) or getattr(cmd_opts, "medvram", False)
+                or getattr(sd_model, "lowvram", False))
+
+
+def compute_device() -> torch.device:
+    from modules import devices
+
+    return torch.device(devices.device) if devices.device is not None else torch.device("cpu")
+
+
+def compute_dtype() -> torch.dtype:
+    from modules import devices
+
+    if compute_device().type == "cpu":
+        return torch.float32
+    return devices.dtype_unet
+
+
+def make_room_on_gpu() -> None:
+    """Under --lowvram/--medvram the webui keeps one of its modules on the GPU; send it back first."""
+    if compute_device().type == "cpu":
+        return
+    from modules import lowvram
+
+    lowvram.send_everything_to_cpu()
+
+
+# ----------------------------------------------------------------------------------------------- sketch encoder
+_sketch_cache: dict = {}
+
+
+def sketch_encoder(sd_model=None):
+    """The sketch encoder of the loaded checkpoint (``control_encoder.*``), on the compute device, or on the CPU
+    under --lowvram/--medvram (use :func:`on_device`)."""
+    from lib_colorize.checkpoint import SKETCH_PREFIX, read_tensors
+    from lib_colorize.models.sketch_encoder import SketchEncoder
+
+    require_colorize_model(sd_model)
+    path = checkpoint_path(sd_model)
+    key = file_key(path)
+    with _lock:
+        encoder = _sketch_cache.get(key)
+        if encoder is None:
+            _sketch_cache.clear()
+            tensors = read_tensors(path, SKETCH_PREFIX)
+            try:
+                encoder = SketchEncoder.from_state_dict(tensors)
+            except (KeyError, RuntimeError) as error:
+                raise CheckpointError(path, f"the sketch encoder (control_encoder.*) does not load: {error}") from None
+            encoder = encoder.eval().requires_grad_(False).to(dtype=compute_dtype())
+            encoder.to("cpu" if lowvram_active(sd_model) else compute_device())
+            _sketch_cache[key] = encoder
+            logger.info("ColorizeDiffusion: sketch encoder loaded from %s", path)
+    return encoder
+
+
+class on_device:
+    """``with on_device(module):`` -- the module on the compute device inside, back on the CPU afterwards when
+    ``offload`` (default: under --lowvram/--medvram)."""
+
+    def __init__(self, module: torch.nn.Module, offload: Optional[bool] = None):
+        self.module = module
+        self.offload = lowvram_active() if offload is None else offload
+
+    def __enter__(self):
+        device = compute_device()
+        if next(self.module.parameters()).device != device:
+            if self.offload:
+                make_room_on_gpu()
+            self.module.to(device)
+        return self.module
+
+    def __exit__(self, *exc):
+        if self.offload and compute_device().type != "cpu":
+            self.module.to("cpu")
+
+
+# ------------------------------------------------------------------------------------------------------ OpenCLIP
+_clip: dict = {"path": None, "visual": None, "text": None}
+
+
+def clip_weights_path() -> str:
+    """Local OpenCLIP weights, or a download into the models folder (webui downloader, ``HF_ENDPOINT``)."""
+    from lib_colorize.models import clip
+
+    folder = models_dir()
+    local = clip.find_local_weights(folder)
+    if local:
+        return local
+    shared = _shared()
+    endpoint = str(getattr(shared, "hf_endpoint", None) or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    url = f"{endpoint.rstrip('/')}/{clip.HF_REPO_VIT_H}/resolve/main/{clip.HF_FILENAME}"
+    hint = (f"ColorizeDiffusion: the OpenCLIP ViT-H/14 weights are missing. Put '{clip.HF_FILENAME}' "
+            f"(download it from {url}, about 3.9 GB) into {folder}")
+    if not downloads_allowed():
+        raise MissingWeights(hint + " (downloads are off: HF_HUB_OFFLINE is set).")
+    try:
+        from modules import modelloader
+
+        return modelloader.load_file_from_url(url, model_dir=folder, file_name=clip.HF_FILENAME)
+    except Exception as error:  # network, HTTP, disk: the user's fix is the same
+        raise MissingWeights(f"{hint} (download failed: {type(error).__name__}: {error}).") from None
+
+
+def _load_clip_towers(towers: Sequence[str]) -> None:
+    from lib_colorize.models import clip
+
+    path = clip_weights_path()
+    with _lock:
+        if _clip["path"] != path:
+            _clip.update(path=path, visual=None, text=None)
+        missing = [t for t in towers if _clip[t] is None]
+        if not missing:
+            return
+        print(f"ColorizeDiffusion: loading OpenCLIP {CLIP_ARCH} ({', '.join(missing)}) from {path}")
+        loaded = clip.load_clip(CLIP_ARCH, weights=path, device="cpu", dtype=torch.float32, towers=missing)
+        if loaded.reference is not None:
+            loaded.reference.to(dtype=compute_dtype())
+            _clip["visual"] = loaded.reference
+        if loaded.text is not None:
+            loaded.text.to(dtype=compute_dtype())
+            _clip["text"] = loaded.text
+
+
+def reference_encoder():
+    _load_clip_towers(("visual",))
+    return _clip["visual"]
+
+
+def text_encoder():
+    _load_clip_towers(("text",))
+    return _clip["text"]
+
+
+class _EncoderOnDevice:
+    """What :class:`~lib_colorize.models.clip.ReferenceTokenCache` sees: the encoder's identity with the
+    dtype/device it *computes* in, so a cache hit never moves the 2.5 GB encoder to the GPU."""
+
+    def __init__(self, encoder, offload: bool):
+        self.encoder = encoder
+        self.offload = offload
+        self.instance_id = getattr(encoder, "instance_id", id(encoder))
+        self._probe = torch.empty(0, dtype=compute_dtype(), device=compute_device())
+
+    def parameters(self):
+        yield self._probe
+
+    def encode_full(self, images: torch.Tensor) -> torch.Tensor:
+        with on_device(self.encoder, offload=self.offload):
+            return self.encoder.encode_full(images.to(compute_device()))
+
+
+_token_cache = None
+
+
+def token_cache():
+    global _token_cache
+    from lib_colorize.models.clip import ReferenceTokenCache
+
+    with _lock:
+        if _token_cache is None:
+            _token_cache = ReferenceTokenCache(max_entries=8)
+        return _token_cache
+
+
+def offload_clip() -> bool:
+    return bool(setting(SETTING_OFFLOAD, True)) or lowvram_active()
+
+
+#: Serialises use of the OpenCLIP towers (a generation and the UI's "Visualize" button may overlap; both move
+#: the towers between devices). Re-entrant: the heat map of a generation runs inside it.
+_clip_use_lock = threading.RLock()
+
+
+def encode_reference_full(image: torch.Tensor) -> torch.Tensor:
+    """Reference (1,3,H,W) in [-1,1] -> full tokens (1, 1+N, D) on the compute device (cached by content)."""
+    with _clip_use_lock:
+        proxy = _EncoderOnDevice(reference_encoder(), offload_clip())
+        return token_cache().get_or_encode(proxy, image).to(compute_device())
+
+
+def encode_text(texts: Sequence[str]) -> torch.Tensor:
+    """Manipulation prompts -> (N, 1, D) unit EOT embeddings on the compute device."""
+    with _clip_use_lock:
+        encoder = text_encoder()
+        encoder.validate(list(texts))
+        with on_device(encoder, offload=offload_clip()):
+            return encoder.encode(list(texts))
+
+
+def count_tokens(text: str) -> int:
+    from lib_colorize.models.clip import count_tokens as count
+
+    return count(text)
+
+
+# ---------------------------------------------------------------------------------------------------- callbacks
+def clear_caches(*, clip_too: bool = False) -> None:
+    with _lock:
+        _sketch_cache.clear()
+        _info_cache.clear()
+        if clip_too:
+            _clip.update(path=None, visual=None, text=None)
+            if _token_cache is not None:
+                _token_cache.clear()
+
+
+def on_model_loaded(sd_model) -> None:
+    """Drop the sketch encoder of another checkpoint; repair a missing schedule of a ColorizeDiffusion model."""
+    path = checkpoint_path(sd_model)
+    try:
+        key = file_key(path) if path and os.path.isfile(path) else None
+    except OSError:
+        key = None
+    with _lock:
+        if key not in _sketch_cache:
+            _sketch_cache.clear()
+    used_config = os.path.abspath(str(getattr(sd_model, "used_config", "") or ""))
+    if used_config in {os.path.abspath(c) for c in CONFIGS.values()} or _is_colorize_file(path):
+        repair_schedule(sd_model)
+        if _is_colorize_file(path) and not _has_text_encoder(path):
+            clear_text_encoder(sd_model)
+
+
+def _has_text_encoder(path: str) -> bool:
+    """Whether the file carries ``cond_stage_model.*`` tensors (released ColorizeDiffusion files do not)."""
+    from lib_colorize.checkpoint import read_safetensors_header
+
+    if not path.lower().endswith(".safetensors"):
+        return True  # unknown without reading a pickle; leave the webui's model alone
+    try:
+        return any(key.startswith("cond_stage_model.") for key in read_safetensors_header(path))
+    except CheckpointError:
+        return True
+
+
+def clear_text_encoder(sd_model) -> bool:
+    """Zero the parameters of the webui's text encoder when the checkpoint has none.
+
+    The webui builds the (unused) OpenCLIP text tower with weight initialisation disabled, so the tensors the file
+    does not provide keep whatever memory ``torch.empty`` returned: prompt conds then differ from one start to the
+    next and may hold NaN. ColorizeDiffusion never uses them; zeros make them finite and reproducible.
+    """
+    cond_stage = getattr(sd_model, "cond_stage_model", None)
+    if cond_stage is None:
+        return False
+    with torch.no_grad():
+        for parameter in cond_stage.parameters():
+            if not parameter.is_meta:
+                parameter.zero_()
+    print("ColorizeDiffusion: the checkpoint has no text encoder (not used by ColorizeDiffusion); set it to zeros")
+    return True
+
+
+def _is_colorize_file(path: Optional[str]) -> bool:
+    if not path or not os.path.isfile(path):
+        return False
+    try:
+        checkpoint_info(path)
+        return True
+    except CheckpointError:
+        return False
