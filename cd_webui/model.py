@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from lib_colorize.errors import CheckpointError, MissingWeights, NotColorizeModel
+from lib_colorize.schedule import ldm_schedule_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -187,24 +188,6 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "posterior_mean_coef1", "posterior_mean_coef2")
 
 
-def schedule_values(num_timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012) -> dict:
-    """The LDM schedule buffers of the SD scaled-linear schedule (method §1.1), float64."""
-    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
-    alphas = 1.0 - betas
-    ac = torch.cumprod(alphas, 0)
-    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-    post_var = betas * (1 - ac_prev) / (1 - ac)
-    return {
-        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
-        "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": post_var,
-        "posterior_log_variance_clipped": torch.log(torch.clamp(post_var, min=1e-20)),
-        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
-        "posterior_mean_coef2": (1 - ac_prev) * alphas.sqrt() / (1 - ac),
-    }
-
-
 def repair_schedule(sd_model) -> bool:
     """Refill the schedule buffers in place when the checkpoint did not carry them (all zero / not finite).
 
@@ -216,7 +199,7 @@ def repair_schedule(sd_model) -> bool:
     ac32 = ac.detach().float()
     if torch.isfinite(ac32).all() and float(ac32.min()) > 0 and float(ac32.max()) <= 1.0:
         return False
-    values = schedule_values(int(ac.shape[0]), float(getattr(sd_model, "linear_start", 0.00085)),
+    values = ldm_schedule_buffers(int(ac.shape[0]), float(getattr(sd_model, "linear_start", 0.00085)),
                              float(getattr(sd_model, "linear_end", 0.012)))
     with torch.no_grad():
         for name in SCHEDULE_BUFFERS:

@@ -84,6 +84,26 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas.to(torch.float64), dim=0).to(torch.float32)
 
 
+def ldm_schedule_buffers(num_timesteps: int = NUM_TIMESTEPS, linear_start: float = LINEAR_START,
+                         linear_end: float = LINEAR_END) -> Dict[str, torch.Tensor]:
+    """The buffers ldm's ``LatentDiffusion.register_schedule`` persists, for the scaled-linear schedule (method
+    §1.1), in float64: what a checkpoint carries (and what the webui needs when a file lacks them)."""
+    betas = scaled_linear_betas(num_timesteps, linear_start, linear_end)
+    alphas = 1.0 - betas
+    ac = torch.cumprod(alphas, 0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    return {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": post_var,
+        "posterior_log_variance_clipped": torch.log(torch.clamp(post_var, min=1e-20)),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
+        "posterior_mean_coef2": (1 - ac_prev) * alphas.sqrt() / (1 - ac),
+    }
+
+
 class NoiseSchedule:
     """A discrete DDPM schedule seen in sigma space, like k-diffusion's ``DiscreteSchedule``.
 

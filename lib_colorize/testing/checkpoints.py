@@ -29,6 +29,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from ..schedule import ldm_schedule_buffers
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SKETCH_PREFIX = "control_encoder."
@@ -353,22 +355,8 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 
 
 def schedule_buffers() -> Dict[str, torch.Tensor]:
-    """LDM schedule buffers (method §1.1 scaled-linear schedule), as persisted by ldm's ``register_schedule``."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas = 1.0 - betas
-    ac = torch.cumprod(alphas, 0)
-    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-    post_var = betas * (1 - ac_prev) / (1 - ac)
-    values = {
-        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
-        "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": post_var,
-        "posterior_log_variance_clipped": torch.log(torch.clamp(post_var, min=1e-20)),
-        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
-        "posterior_mean_coef2": (1 - ac_prev) * alphas.sqrt() / (1 - ac),
-    }
-    return {k: v.float() for k, v in values.items()}
+    """LDM schedule buffers (method §1.1 scaled-linear schedule) as a checkpoint stores them (float32)."""
+    return {k: v.float() for k, v in ldm_schedule_buffers().items()}
 
 
 def released_layout(version: str = "v1", size: str = "tiny", context_dim: Optional[int] = None,
@@ -480,12 +468,7 @@ def make_checkpoint(path: "str | os.PathLike[str]", version: str = "v1", size: s
     entries += [(k, tuple(t.shape), t.dtype) for k, t in overrides.items() if k not in lay]
 
     def make_tensor(key: str) -> torch.Tensor:
-        if key in overrides:
-            return overrides[key]
-        shape, kind = lay[key]
-        if kind.startswith("buffer:"):
-            return buffers[kind.split(":", 1)[1]]
-        return random_tensor(key, shape, kind, seed)
+        return overrides[key] if key in overrides else layout_tensor(lay, buffers, key, seed)
 
     write_safetensors(path, entries, make_tensor, metadata={"format": "pt"})
     return os.fspath(path)
@@ -523,14 +506,16 @@ def make_sd_checkpoint(path: "str | os.PathLike[str]", sd_version: str = "sd2", 
     entries = [(k, shape, torch.float16 if k.startswith(VAE_PREFIX) else torch.float32)
                for k, (shape, _) in lay.items()]
 
-    def make_tensor(key: str) -> torch.Tensor:
-        shape, kind = lay[key]
-        if kind.startswith("buffer:"):
-            return buffers[kind.split(":", 1)[1]]
-        return random_tensor(key, shape, kind, seed)
-
-    write_safetensors(path, entries, make_tensor, metadata={"format": "pt"})
+    write_safetensors(path, entries, lambda key: layout_tensor(lay, buffers, key, seed), metadata={"format": "pt"})
     return os.fspath(path)
+
+
+def layout_tensor(lay: Layout, buffers: Dict[str, torch.Tensor], key: str, seed: int) -> torch.Tensor:
+    """The tensor of ``key`` in a layout: a schedule buffer, or seeded random values of its kind."""
+    shape, kind = lay[key]
+    if kind.startswith("buffer:"):
+        return buffers[kind.split(":", 1)[1]]
+    return random_tensor(key, shape, kind, seed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
