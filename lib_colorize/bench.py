@@ -37,10 +37,9 @@ A narrow U-Net spends a larger share of its work in self-attention than the rele
 tokens² x width, convolutions with tokens x width²), so the injection ratios at ``--size cpu`` are higher than the
 released model's at the same resolution (compare the FLOP columns).
 
-``--early-stop`` also times a prototype (not in the library) where the reference (write) pass stops right after
-the last transformer block's ``attn1`` has filled the bank: a forward pre-hook raises :class:`WritePassDone`,
-which the inner model catches (or the library's ``ColorizeHooks(stop_write_early=True)`` once it has one). The JSON
-line always reports the library's default.
+"ours" is the library as the pipeline runs it: the distinct-rows reference pass, which stops once the last
+transformer block's ``attn1`` has filled the bank (``ColorizeHooks(stop_write_early=True)``). "original" is the
+original's full-batch reference pass through the whole U-Net.
 
 The last line of the output is one JSON object with exactly the keys of :data:`JSON_KEYS`.
 """
@@ -50,7 +49,6 @@ import argparse
 import ctypes
 import dataclasses
 import gc
-import inspect
 import json
 import math
 import os
@@ -232,32 +230,12 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-class WritePassDone(Exception):
-    """Raised by the early-stop prototype once the last transformer block has written its bank entry."""
-
-
-def install_early_stop(hooks) -> object:
-    """Prototype: stop the write pass after the last ``attn1`` bank write (handle to remove).
-
-    Registered after :meth:`ColorizeHooks.install`, so it runs after the bank pre-hook of the same ``attn1``.
-    """
-    from .hooks import WRITE
-
-    def stop(module, args, kwargs):
-        if hooks.injection_mode == WRITE:
-            raise WritePassDone()
-        return None
-
-    return hooks.blocks[-1].attn1.register_forward_pre_hook(stop, with_kwargs=True)
-
-
 @dataclass
 class StepConfig:
     name: str
     label: str
     run: Callable[[], torch.Tensor]
     hooks: object = None            # ColorizeHooks installed around each call (outside the timer)
-    early_stop: bool = False
     plan: object = None             # GenerationPlan (its stats count rows)
     rows: Optional[int] = None      # U-Net rows per call of the configurations without a plan
     calls: int = 0
@@ -266,16 +244,11 @@ class StepConfig:
     output: Optional[torch.Tensor] = None
 
     def call(self) -> torch.Tensor:
-        handle = None
         if self.hooks is not None:
             self.hooks.install()
-            if self.early_stop:
-                handle = install_early_stop(self.hooks)
         try:
             out = self.run()
         finally:
-            if handle is not None:
-                handle.remove()
             if self.hooks is not None:
                 self.hooks.remove()
         self.calls += 1
@@ -290,7 +263,7 @@ class StepConfig:
 class StepBench:
     """(a)-(c): the U-Net work of one guided step, through ``guided_call`` with an inner model calling the U-Net."""
 
-    def __init__(self, size: BenchSize, device: torch.device, dtype: torch.dtype, early_stop: bool = False,
+    def __init__(self, size: BenchSize, device: torch.device, dtype: torch.dtype,
                  seed: int = 0, unet=None, resolution: Optional[int] = None):
         from .guidance import guidance_mode, row_roles
         from .hooks import HINT_BLOCKS
@@ -325,7 +298,7 @@ class StepBench:
         self.roles = row_roles(self.mode)
         self.layer_scales = [0.8 + 0.025 * i for i in range(16)]   # non-unit, all 16 blocks
         self.configs: Dict[str, StepConfig] = {}
-        self._build_configs(early_stop)
+        self._build_configs()
 
     # -- configurations ----------------------------------------------------------------------------------------
     def _plan(self, injection: Optional[str]):
@@ -341,10 +314,7 @@ class StepBench:
                               sketch_hints=self.sketch_hints, blank_hints=self.blank_hints, injection=inj)
 
     def _inner_model(self, x_in, sigma_in, context):
-        try:
-            return self.unet(x_in, self.t, context)
-        except WritePassDone:
-            return None   # early-stop prototype: the write pass's output is discarded anyway
+        return self.unet(x_in, self.t, context)
 
     def _noised_reference(self, latent, sigma, noise):
         return latent + sigma.reshape(-1, 1, 1, 1).to(latent) * noise
@@ -361,7 +331,7 @@ class StepBench:
                                noised_reference=self._noised_reference)
         return run
 
-    def _build_configs(self, early_stop: bool) -> None:
+    def _build_configs(self) -> None:
         from .denoiser import row_contexts, row_hints
         from .hooks import ColorizeHooks
 
@@ -400,22 +370,14 @@ class StepBench:
             for kind, label in ((None, "injection off"), ("ours", "injection on, ours (distinct rows)"),
                                 ("original", "injection on, original (full batch)")):
                 plan = self._plan(kind)
-                hooks = ColorizeHooks(unet, layer_scales=self.layer_scales, injection=kind is not None)
+                hooks = ColorizeHooks(unet, layer_scales=self.layer_scales, injection=kind is not None,
+                                      stop_write_early=kind == "ours")
                 name = f"{kind or 'off'}_b{batch}"
                 add(name, f"dual guidance, {label} (b{batch})", self._guided(plan, hooks, batch),
                     hooks=hooks, plan=plan)
-            if early_stop:
-                # the library's own early stop when it has one, else this module's prototype hook
-                library = "stop_write_early" in inspect.signature(ColorizeHooks).parameters
-                plan = self._plan("ours")
-                hooks = ColorizeHooks(unet, layer_scales=self.layer_scales, injection=True,
-                                      **({"stop_write_early": True} if library else {}))
-                add(f"ours_es_b{batch}", f"dual guidance, injection on, ours + early stop (b{batch}, "
-                                         f"{'stop_write_early' if library else 'prototype'})",
-                    self._guided(plan, hooks, batch), hooks=hooks, plan=plan, early_stop=not library)
 
-    def _add(self, name, label, run, hooks=None, plan=None, early_stop=False, rows=None):
-        self.configs[name] = StepConfig(name, label, run, hooks=hooks, plan=plan, early_stop=early_stop, rows=rows)
+    def _add(self, name, label, run, hooks=None, plan=None, rows=None):
+        self.configs[name] = StepConfig(name, label, run, hooks=hooks, plan=plan, rows=rows)
 
     # -- measurement -------------------------------------------------------------------------------------------
     def measure(self, reps: int, warmup: int, log=print) -> None:
@@ -458,7 +420,7 @@ class StepBench:
         return float((out_a.float() - out_b.float()).abs().max())
 
 
-def arithmetic(size: BenchSize, resolution: int, early_stop: bool = True) -> dict:
+def arithmetic(size: BenchSize, resolution: int) -> dict:
     """Noise-free floors: multiply-add FLOPs of every step configuration, counted on the meta device.
 
     Counts matmuls, convolutions and attention (``torch.utils.flop_counter``; attention decomposes to bmm on
@@ -474,7 +436,7 @@ def arithmetic(size: BenchSize, resolution: int, early_stop: bool = True) -> dic
         unet = UNetModel(UNetConfig(model_channels=dims.model_channels, channel_mult=dims.channel_mult,
                                     num_res_blocks=dims.num_res_blocks, attention_levels=dims.attention_levels,
                                     context_dim=dims.context_dim)).eval()
-    step = StepBench(size, torch.device("meta"), torch.float32, early_stop=early_stop, unet=unet,
+    step = StepBench(size, torch.device("meta"), torch.float32, unet=unet,
                      resolution=resolution)
     flops = {}
     with torch.no_grad():   # FlopCounterMode sees nothing under inference_mode (torch 2.1)
@@ -494,9 +456,6 @@ def arithmetic_figures(flops: dict) -> dict:
         "injection_ratio_original_b1": flops["original_b1"] / flops["off_b1"],
         "injection_ratio_original_b4": flops["original_b4"] / flops["off_b4"],
     }
-    if "ours_es_b1" in flops:
-        figures["early_stop_injection_ratio_b1"] = flops["ours_es_b1"] / flops["off_b1"]
-        figures["early_stop_injection_ratio_b4"] = flops["ours_es_b4"] / flops["off_b4"]
     return figures
 
 
@@ -920,8 +879,6 @@ def _parse_args(argv):
                         help="torch CPU threads (default 1 on cpu: CPU time of one thread is the figure least "
                              "disturbed by other processes on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke run (tiny sizes, figures meaningless)")
-    parser.add_argument("--early-stop", action="store_true",
-                        help="also time the early-stop prototype of the write pass (table only)")
     parser.add_argument("--seconds-per-image", action="store_true",
                         help="time whole generations at 512 and 768 (default on cuda)")
     parser.add_argument("--endurance", type=int, default=None, metavar="N",
@@ -961,7 +918,7 @@ def run(args, log=print) -> dict:
     log(f"commit {machine['commit']}; torch {machine['torch']}; python {machine['python']}; command: {command}")
 
     started = time.perf_counter()
-    bench = StepBench(size, device, dtype, early_stop=args.early_stop)
+    bench = StepBench(size, device, dtype)
     latent = size.resolution // 8
     log(f"U-Net: released layout, model_channels {bench.dims.model_channels}, context {bench.dims.context_dim}, "
         f"{len(bench.layer_scales)} transformer blocks, {bench.params / 1e6:.1f} M parameters; "
@@ -991,7 +948,7 @@ def run(args, log=print) -> dict:
         sizes_counted += [("released size", SIZES["full"], 512), ("released size", SIZES["full"], 768)]
     else:
         sizes_counted += [("released size", size, 768)]
-    flops = {(label, res): arithmetic(sz, res, early_stop=True) for label, sz, res in sizes_counted}
+    flops = {(label, res): arithmetic(sz, res) for label, sz, res in sizes_counted}
     arith = {key: arithmetic_figures(value) for key, value in flops.items()}
 
     log("")
@@ -1016,26 +973,11 @@ def run(args, log=print) -> dict:
         ours, orig = f"injection_ratio_b{batch}", f"injection_ratio_original_b{batch}"
         ratio_rows.append([f"ours / original (b{batch})", figures[ours] / figures[orig], minima[ours] / minima[orig]]
                           + [a[ours] / a[orig] for a in arith.values()] + [target])
-    if args.early_stop:
-        for batch in (1, 4):
-            es, orig = f"ours_es_b{batch}", f"original_b{batch}"
-            measured = bench.ratio(es, f"off_b{batch}")
-            minimum = bench.ratio_of_minima(es, f"off_b{batch}")
-            ratio_rows.append([f"early stop (prototype): injection ratio b{batch}", measured, minimum]
-                              + [a[f"early_stop_injection_ratio_b{batch}"] for a in arith.values()] + [""])
-            ratio_rows.append([f"early stop (prototype): ours / original b{batch}",
-                               measured / figures[f"injection_ratio_original_b{batch}"],
-                               minimum / minima[f"injection_ratio_original_b{batch}"]]
-                              + [a[f"early_stop_injection_ratio_b{batch}"] / a[f"injection_ratio_original_b{batch}"]
-                                 for a in arith.values()] + ["<= 0.85" if batch == 1 else "<= 0.70"])
     ratio_rows.append(["guided_call / unhooked U-Net, 3 rows", bench.ratio("off_b1", "plain3"),
                        bench.ratio_of_minima("off_b1", "plain3")] + [1.0 for _ in arith] + ["(c) incl. the denoiser"])
     log(_table(["ratio", "measured", "of minima"] + arith_headers + ["target"], ratio_rows))
     checks = [["max abs(ours - original), b1", bench.max_abs_diff("ours_b1", "original_b1")],
               ["max abs(ours - original), b4", bench.max_abs_diff("ours_b4", "original_b4")]]
-    if args.early_stop:
-        checks += [[f"max abs(early stop - ours), b{b}", bench.max_abs_diff(f"ours_es_b{b}", f"ours_b{b}")]
-                   for b in (1, 4)]
     log(_table(["same result (denoiser outputs of the warm-up step)", "value"], checks))
 
     log("")
@@ -1108,7 +1050,7 @@ def _argv_text(args) -> list:
         value = getattr(args, flag)
         if value is not None:
             text += [f"--{flag}", str(value)]
-    for flag in ("early_stop", "seconds_per_image", "no_memory"):
+    for flag in ("seconds_per_image", "no_memory"):
         if getattr(args, flag):
             text.append("--" + flag.replace("_", "-"))
     return text

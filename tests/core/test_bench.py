@@ -37,20 +37,18 @@ def test_quick_bench_ends_with_the_json_line(capsys):
     assert "## figures" in out   # the readable table comes before the JSON line
 
 
-def test_early_stop_prototype_keeps_the_result():
-    """The early-stop prototype must not change a single value (the write pass's output is discarded)."""
+def test_ours_equals_the_original_full_batch_pass():
+    """Ours (distinct rows, write pass stopped after the last bank write) gives the original's result."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as the bench does: two OpenMP threads crawl on a busy two-core machine
     try:
-        step = bench.StepBench(bench.SIZES["quick"], torch.device("cpu"), torch.float32, early_stop=True)
+        step = bench.StepBench(bench.SIZES["quick"], torch.device("cpu"), torch.float32)
         with torch.inference_mode():
             for batch in (1, 4):
                 ours = step.configs[f"ours_b{batch}"].call()
-                early = step.configs[f"ours_es_b{batch}"].call()
                 original = step.configs[f"original_b{batch}"].call()
-                assert torch.equal(ours, early)
                 torch.testing.assert_close(ours, original, rtol=1e-4, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
@@ -59,13 +57,13 @@ def test_early_stop_prototype_keeps_the_result():
 def test_arithmetic_floors_of_the_released_size():
     """FLOPs counted on the meta device (no compute): dual guidance is exactly 1.5 plain CFG, the hooks add no
     matmul work, and the distinct-rows reference pass is cheaper than the original's full-batch one."""
-    flops = bench.arithmetic(bench.SIZES["full"], 512, early_stop=True)
+    flops = bench.arithmetic(bench.SIZES["full"], 512)
     figures = bench.arithmetic_figures(flops)
     assert abs(figures["dual_guidance_ratio"] - 1.5) < 1e-9
     assert figures["hook_overhead_ratio"] == 1.0
     assert figures["injection_ratio_b1"] < figures["injection_ratio_original_b1"]
+    assert figures["injection_ratio_b1"] / figures["injection_ratio_original_b1"] <= 0.85
     assert figures["injection_ratio_b4"] / figures["injection_ratio_original_b4"] <= 0.70
-    assert figures["early_stop_injection_ratio_b1"] < figures["injection_ratio_b1"]
 
 
 def test_rows_per_step():
