@@ -24,7 +24,8 @@ from lib_colorize.errors import InvalidInput
 from lib_colorize.images import decode_image
 from lib_colorize.manipulation import parse_manipulation_sequence
 from lib_colorize.options import (ALL_KEYS, FIELD_BY_NAME, FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, SCALE_RANGE,
-                                  ColorizeOptions, LevelScales, check_bool, parse_level_scales)
+                                  ColorizeOptions, LevelScales, check_bool, check_prompt_tokens,
+                                  parse_level_scales)
 
 __all__ = ["UI_ORDER", "SLOT_INDEX", "LEVEL_SLOTS", "LAYER_SLOTS", "ACCURATE_SLOT", "USE_INIT_IMAGE_SLOT",
            "MANIPULATIONS_SLOT", "LEVEL_LABELS", "LAYER_NAMES", "SCALE_RANGE", "OVERRIDE_PREFIX",
@@ -171,6 +172,14 @@ def parse_script_args(args: Sequence[Any], p: Any = None, *, is_img2img: bool = 
     args = tuple(args or ())
     if args and isinstance(args[0], Mapping):
         values, use_init = _values_from_dict(args[0])
+        if len(args) > 1:
+            # The API's "infotext" field pastes into the positional slots and then the named dict replaces slot
+            # 0: keys the dict does not name come from those slots (UI defaults unless something was pasted).
+            pasted, pasted_use_init = _values_from_positional((None,) + args[1:len(UI_ORDER)])
+            for key, value in pasted.items():
+                values.setdefault(key, value)
+            if USE_INIT_IMAGE_SLOT not in args[0]:
+                use_init = pasted_use_init
     else:
         values, use_init = _values_from_positional(args)
     _apply_overrides(values, p)
@@ -185,7 +194,13 @@ def parse_script_args(args: Sequence[Any], p: Any = None, *, is_img2img: bool = 
             raise InvalidInput("sketch", "'Use init image as sketch' is on but img2img has no init image")
     if require_sketch is None:
         require_sketch = not sketch_later
-    return ColorizeOptions.from_dict(values, require_sketch=require_sketch)
+    options = ColorizeOptions.from_dict(values, require_sketch=require_sketch)
+    if options.enabled and options.manipulations:
+        from lib_colorize.models.clip import count_tokens
+
+        # tokenizer only: an over-long prompt is refused before the text encoder is loaded
+        check_prompt_tokens(options, count_tokens)
+    return options
 
 
 def slot_spec(slot: str):

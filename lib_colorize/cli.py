@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import ColorizeError, InvalidInput
-from .options import FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, ColorizeOptions
+from .options import FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, ColorizeOptions, check_prompt_tokens
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -230,6 +230,10 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
     values = options_from_args(args, base_options)
     values["reference"] = load_image_file(args.reference, "reference")
     probe = ColorizeOptions.from_dict(values, require_sketch=False)   # validate everything before loading models
+    if probe.manipulations:
+        from .models.clip import count_tokens
+
+        check_prompt_tokens(probe, count_tokens)
     sampling = sampling_from_args(args, base_sampling)
     sampling.check()
     device, dtype = resolve_device_dtype(args.device, args.dtype)

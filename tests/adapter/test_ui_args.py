@@ -511,3 +511,27 @@ def test_ui_builds_with_the_real_input_accordion(monkeypatch, is_img2img):
     assert isinstance(components[0], real.InputAccordion) and components[0].value is False
     assert len(components) == len(UI_ORDER)
     assert parse_script_args([c.value for c in components], is_img2img=is_img2img) == ColorizeOptions()
+
+
+def test_api_infotext_paste_survives_a_named_dict():
+    """The API's "infotext" field pastes into the positional slots, then a named dict replaces slot 0: the keys
+    the dict does not name come from the pasted slots (found in the real webui), the dict's own keys win."""
+    pasted = rich_options(sketch_mode="invert", reference_guidance=3.5, sketch_guidance=1.5, injection=True)
+    slots = positional_from_options(pasted, images=lambda im: None)
+    named = {"enabled": True, "sketch": png_b64(sketch_image()), "reference": png_b64(reference_image()),
+             "sketch_guidance": 2.0}
+    options = parse_script_args([named] + slots[1:])
+    assert options.reference_guidance == 3.5 and options.injection is True
+    assert options.layer_scales == pasted.layer_scales and options.manipulations == pasted.manipulations
+    assert options.sketch_guidance == 2.0, "the named dict's own keys win"
+    # nothing pasted: the remaining slots hold the UI defaults and the dict alone decides
+    plain = parse_script_args([named] + list(ui_defaults().values())[1:])
+    assert plain.reference_guidance == 5.0 and plain.layer_scales is None and plain.manipulations == ()
+
+
+def test_over_long_manipulation_prompt_is_refused_by_the_tokenizer_alone():
+    data = {"enabled": True, "sketch": png_b64(sketch_image()), "reference": png_b64(reference_image()),
+            "manipulations": [{"target": " ".join(f"word{i}" for i in range(80)), "control": "hair", "scale": 2}]}
+    with pytest.raises(InvalidInput) as info:
+        parse_script_args([data])
+    assert info.value.field == "manipulations[0].target" and "at most 75" in str(info.value)
