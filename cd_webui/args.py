@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 from lib_colorize.errors import InvalidInput
 from lib_colorize.images import decode_image
 from lib_colorize.manipulation import parse_manipulation_sequence
-from lib_colorize.options import (ALL_KEYS, FIELD_BY_NAME, FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, SCALE_RANGE,
+from lib_colorize.options import (ALL_KEYS, FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, SCALE_RANGE,
                                   ColorizeOptions, LevelScales, check_bool, check_prompt_tokens,
                                   parse_level_scales)
 
@@ -201,8 +201,3 @@ def parse_script_args(args: Sequence[Any], p: Any = None, *, is_img2img: bool = 
         # tokenizer only: an over-long prompt is refused before the text encoder is loaded
         check_prompt_tokens(options, count_tokens)
     return options
-
-
-def slot_spec(slot: str):
-    """The :class:`~lib_colorize.options.FieldSpec` of a scalar slot (``None`` for structured slots)."""
-    return FIELD_BY_NAME.get(slot)

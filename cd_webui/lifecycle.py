@@ -29,7 +29,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lib_colorize import conditioning
-from lib_colorize.denoiser import InjectionPlan
 from lib_colorize.errors import ColorizeError, InvalidInput
 from lib_colorize.guidance import cross_attention_scales
 from lib_colorize.hooks import ColorizeHooks, remove_all_hooks
@@ -259,13 +258,8 @@ def process_before_every_sampling(p, *args, **kwargs) -> None:
 
 
 def make_hooks(unet, scales, injection: bool) -> ColorizeHooks:
-    """The hook set; with injection, the write pass stops after the last bank write when the core supports it."""
-    import inspect
-
-    kwargs = {}
-    if injection and "stop_write_early" in inspect.signature(ColorizeHooks).parameters:
-        kwargs["stop_write_early"] = True
-    return ColorizeHooks(unet, layer_scales=scales, injection=injection, **kwargs)
+    """The hook set; with injection, the write pass stops after the last bank write."""
+    return ColorizeHooks(unet, layer_scales=scales, injection=injection, stop_write_early=injection)
 
 
 def _extractor(options: ColorizeOptions):
@@ -307,18 +301,13 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
         from modules import devices
 
         vae_input = injection_reference.to(device=device, dtype=getattr(devices, "dtype_vae", torch.float32))
-        latent = conditioning.injection_latent(sd_model.encode_first_stage, vae_input,
-                                               torch.Generator().manual_seed(seed))
-        injection = InjectionPlan(reference_latent=latent.to(device=device, dtype=dtype),
-                                  hints=to_unet(injection_hints),
-                                  reference_fidelity=options.injection_reference_fidelity,
-                                  start=options.injection_start,
-                                  noise_generator=torch.Generator().manual_seed(seed + 1))
+        injection = conditioning.build_injection(options, sd_model.encode_first_stage, vae_input,
+                                                 to_unet(injection_hints), seed, dtype=dtype, device=device)
     plan = conditioning.build_plan(options, sketch_hints=to_unet(sketch_hints), blank_hints=to_unet(blank_hints),
                                    tokens=state.tokens, injection=injection)
     hooks = make_hooks(unet, state.scales, injection is not None).install()
     state.hooks = hooks
-    context.plan, context.hooks, context.stats = plan, hooks, plan.stats
+    context.plan, context.hooks = plan, hooks
     state.passes += 1
     if state.first_size is None:
         state.first_size, state.box = (width, height), box

@@ -19,7 +19,7 @@ ColorizeDiffusion is active (the reference replaces the prompt; the refiner is r
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -35,8 +35,11 @@ class SamplingContext:
     plan: Optional[GenerationPlan] = None
     hooks: Optional[ColorizeHooks] = None
     error: Optional[BaseException] = None     # a preparation failure, raised by the first forward call
-    calls: int = 0
-    stats: dict = field(default_factory=dict)
+
+    @property
+    def stats(self) -> dict:
+        """The plan's U-Net call counters (empty before a plan is prepared)."""
+        return self.plan.stats if self.plan is not None else {}
 
 
 def is_timestep_denoiser(denoiser) -> bool:
@@ -169,7 +172,6 @@ def colorize_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, ima
         raise ctx.error
     if ctx.plan is None or ctx.hooks is None:
         raise RuntimeError("ColorizeDiffusion: sampling started without a prepared plan")
-    ctx.calls += 1
 
     if self.mask_before_denoising and self.mask is not None:
         x = _blend(self, x, sigma)
@@ -186,8 +188,9 @@ def colorize_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, ima
     main_calls = 1 if batch_together else len(plan.roles)
     inner = _InnerModel(self, image_cond, batch, main_calls, ctx.hooks)
     with torch.no_grad():
+        noised_reference = make_noised_reference(self) if plan.injection is not None else None
         denoised = guided_call(plan, ctx.hooks, inner, x, sigma, timestep_of(self, sigma),
-                               noised_reference=make_noised_reference(self), batch_together=batch_together)
+                               noised_reference=noised_reference, batch_together=batch_together)
     inner.finish()
 
     if not self.mask_before_denoising and self.mask is not None:

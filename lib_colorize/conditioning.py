@@ -75,6 +75,18 @@ def injection_latent(vae_encode: Callable[[torch.Tensor], object], reference_res
     return LATENT_SCALE * sample
 
 
+@torch.no_grad()
+def build_injection(options: ColorizeOptions, vae_encode: Callable[[torch.Tensor], object],
+                    reference_resized: torch.Tensor, hints: Optional[list], seed: int, *, dtype: torch.dtype,
+                    device=None, full_batch: bool = False) -> InjectionPlan:
+    """The attention-injection inputs (method §6.1): the latent with CPU noise seeded ``seed`` and the
+    generator of the per-call ε seeded ``seed + 1``, so the same seed gives the same images on every host."""
+    latent = injection_latent(vae_encode, reference_resized, torch.Generator().manual_seed(seed))
+    return InjectionPlan(reference_latent=latent.to(device=device, dtype=dtype), hints=hints,
+                         reference_fidelity=options.injection_reference_fidelity, start=options.injection_start,
+                         noise_generator=torch.Generator().manual_seed(seed + 1), full_batch=full_batch)
+
+
 def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: list, tokens: torch.Tensor,
                injection: Optional[InjectionPlan] = None) -> GenerationPlan:
     """The plan of one generation from validated options and prepared tensors."""

@@ -162,7 +162,7 @@ def guided_call(plan: GenerationPlan, hooks: ColorizeHooks, inner_model: InnerMo
             if inject and REF_DROPPED in group:
                 start = group.index(REF_DROPPED) * batch
                 fidelity_rows = torch.arange(start, start + batch)
-            group_bank = bank_index[rows] if (inject and bank_index is not None) else None
+            group_bank = bank_index[rows] if bank_index is not None else None
             if inject and bank_index is None and len(groups) > 1:
                 group_bank = torch.arange(rows.start, rows.stop)   # full-batch bank, this call's rows
             hooks.set_call([h[rows] for h in hints], injection_mode=READ if inject else None,

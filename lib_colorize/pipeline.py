@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from . import conditioning
-from .denoiser import InjectionPlan, guided_call
+from .denoiser import guided_call
 from .errors import InvalidInput
 from .guidance import cross_attention_scales
 from .hooks import ColorizeHooks
 from .models import LATENT_SCALE
-from .options import ColorizeOptions
+from .options import NUM_ATTENTION_LAYERS, ColorizeOptions
 from .preprocess import (check_resolution, crop_to_box, default_size_for, image_to_tensor,
                          pad_reference_with_margin, prepare_sketch, reference_for_injection, tensor_to_images)
 from .samplers import SAMPLERS, STOCHASTIC_SAMPLERS, get_sampler, initial_noise, seeded_generators
@@ -220,18 +220,13 @@ class Colorizer:
         self.stats["sketch_encoder_calls"] += stats["sketch_encoder_calls"]
         injection = None
         if injection_reference is not None:
-            latent = conditioning.injection_latent(
-                self.vae.encode, injection_reference.to(self.device, self.vae_dtype),
-                torch.Generator().manual_seed(seed))
-            injection = InjectionPlan(reference_latent=latent.to(self.dtype), hints=injection_hints,
-                                      reference_fidelity=options.injection_reference_fidelity,
-                                      start=options.injection_start,
-                                      noise_generator=torch.Generator().manual_seed(seed + 1),
-                                      full_batch=injection_full_batch)
+            injection = conditioning.build_injection(
+                options, self.vae.encode, injection_reference.to(self.device, self.vae_dtype), injection_hints,
+                seed, dtype=self.dtype, full_batch=injection_full_batch)
         plan = conditioning.build_plan(options, sketch_hints=sketch_hints, blank_hints=blank_hints,
                                        tokens=tokens, injection=injection)
         scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
-                                        num_layers=16)
+                                        num_layers=NUM_ATTENTION_LAYERS)
 
         unet = self.unet
         denoiser = make_denoiser(lambda x_in, t, context: unet(x_in.to(self.dtype), t, context).float(),
