@@ -180,7 +180,7 @@ def _unet_dtype(unet) -> torch.dtype:
 
 def _prepare(p, state: GenerationState) -> None:
     """Validation and everything that does not depend on the sampling size (once per generation)."""
-    from lib_colorize.preprocess import image_to_tensor, pad_reference_with_margin
+    from lib_colorize.preprocess import prepare_reference
 
     options = state.options
     _check_supported(p)
@@ -190,9 +190,7 @@ def _prepare(p, state: GenerationState) -> None:
         raise InvalidInput("sketch", "ColorizeDiffusion is enabled but no sketch was given")
     state.scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
                                           num_layers=NUM_ATTENTION_LAYERS)
-    reference = None
-    if options.reference is not None:
-        reference = image_to_tensor(pad_reference_with_margin(options.reference, options.pad_reference))
+    reference = prepare_reference(options.reference, options.pad_reference)
     manipulations = options.active_manipulations
     tokens = conditioning.reference_tokens(model.encode_reference_full, reference, manipulations,
                                            model.encode_text if manipulations else None,

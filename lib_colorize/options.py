@@ -12,7 +12,7 @@ Defaults are the mid-2024 research app's (method §12.3). Where each option take
 option                                 takes effect in
 ====================================  =====================================================================
 sketch, sketch_mode, line_extractor    :func:`lib_colorize.preprocess.prepare_sketch`
-reference, pad_reference               :func:`lib_colorize.preprocess.pad_reference_with_margin`, CLIP encode
+reference, pad_reference               :func:`lib_colorize.preprocess.prepare_reference`, CLIP encode
 reference_guidance, sketch_guidance    :func:`lib_colorize.guidance.guidance_mode` / :func:`~lib_colorize.guidance.combine`
 sketch_strength                        :class:`lib_colorize.hooks.ColorizeHooks` (hint scale k_ctl)
 reference_strength, level_scales,      :func:`lib_colorize.guidance.cross_attention_scales` -> hooks (attn2 scale)

@@ -22,8 +22,8 @@ from .guidance import cross_attention_scales
 from .hooks import ColorizeHooks
 from .models import LATENT_SCALE
 from .options import NUM_ATTENTION_LAYERS, ColorizeOptions
-from .preprocess import (check_resolution, crop_to_box, default_size_for, image_to_tensor,
-                         pad_reference_with_margin, prepare_sketch, reference_for_injection, tensor_to_images)
+from .preprocess import (check_resolution, crop_to_box, default_size_for, prepare_reference, prepare_sketch,
+                         reference_for_injection, tensor_to_images)
 from .samplers import SAMPLERS, STOCHASTIC_SAMPLERS, get_sampler, initial_noise, seeded_generators
 from .schedule import NoiseSchedule, make_denoiser
 
@@ -168,9 +168,7 @@ class Colorizer:
         return extract
 
     def reference_tokens(self, options: ColorizeOptions) -> torch.Tensor:
-        reference = None
-        if options.reference is not None:
-            reference = image_to_tensor(pad_reference_with_margin(options.reference, options.pad_reference))
+        reference = prepare_reference(options.reference, options.pad_reference)
         return conditioning.reference_tokens(
             self.encode_reference_full, reference, options.active_manipulations,
             self.encode_text if self.clip.text is not None else None,

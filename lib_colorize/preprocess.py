@@ -174,6 +174,14 @@ def pad_reference_with_margin(image: Image.Image, margin: float) -> Image.Image:
     return canvas
 
 
+def prepare_reference(image: Optional[Image.Image], margin: float) -> Optional[torch.Tensor]:
+    """The reference as the CLIP encoder takes it: padded with margin (method §8.3), (1,3,H,W) in [-1, 1];
+    None without a reference."""
+    if image is None:
+        return None
+    return image_to_tensor(pad_reference_with_margin(image, margin))
+
+
 def reference_for_injection(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """Attention-injection reference (method §6.1): the *unpadded* reference resized to exactly ``size`` =
     ``(H, W)`` (torchvision ``Resize`` on the PIL image, bicubic, antialias; aspect not kept), as
