@@ -371,7 +371,7 @@ class StepBench:
                                 ("original", "injection on, original (full batch)")):
                 plan = self._plan(kind)
                 hooks = ColorizeHooks(unet, layer_scales=self.layer_scales, injection=kind is not None,
-                                      stop_write_early=kind == "ours")
+                                      stop_write_early=kind == "ours", merge_fidelity=kind == "ours")
                 name = f"{kind or 'off'}_b{batch}"
                 add(name, f"dual guidance, {label} (b{batch})", self._guided(plan, hooks, batch),
                     hooks=hooks, plan=plan)
@@ -742,7 +742,7 @@ def memory_worker(config: str, size: BenchSize, device: torch.device, dtype: tor
 
         def generate():
             return colorizer.colorize(options, sampling, callback=step_done,
-                                      injection_full_batch=config == "original")
+                                      original_injection=config == "original")
 
     results = []
     with torch.inference_mode():

@@ -10,7 +10,10 @@ exactly. Three behaviours (method §3, §4.2, §6.3):
   by ``s_i`` before the output projection (the projection bias is not scaled);
 * **attention injection** -- kwargs pre/post hooks on every ``attn1``: in a *write* pass the normalised
   hidden states go to a bank; in the following *read* pass self-attention attends to ``[own tokens ; bank]``,
-  and the reference-dropped rows blend in plain self-attention by the reference fidelity φ.
+  and the reference-dropped rows blend in plain self-attention by the reference fidelity φ. Those rows are
+  taken out of the module's call and computed from two ``N``-key attentions merged by their log-sum-exp
+  (:func:`~lib_colorize.attention.blended_self_attention`), which costs ``2N²`` where the original's separate
+  plain and injected attentions cost ``3N²`` (``merge_fidelity=False`` keeps the original's way, for benchmarks).
 
 The denoiser sets the per-call state (:meth:`set_call`) and clears it after every U-Net call, so nothing
 carries over between steps or generations. A module-level registry lets a host remove hooks left behind by a
@@ -25,6 +28,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import blended_self_attention
 
 HINT_BLOCKS = (0, 3, 6, 9, 11)
 WRITE, READ = "write", "read"
@@ -71,7 +76,7 @@ class ColorizeHooks:
     """
 
     def __init__(self, unet: nn.Module, layer_scales: Optional[Sequence[float]] = None,
-                 injection: bool = False, stop_write_early: bool = False):
+                 injection: bool = False, stop_write_early: bool = False, merge_fidelity: bool = True):
         self.unet = unet
         self.input_blocks = getattr(unet, "input_blocks")
         self.blocks = transformer_blocks(unet)
@@ -80,6 +85,7 @@ class ColorizeHooks:
         self.layer_scales = [float(s) for s in layer_scales] if layer_scales is not None else None
         self.injection = injection
         self.stop_write_early = stop_write_early
+        self.merge_fidelity = merge_fidelity
         self._handles: list = []
         # per-call state (set_call / clear_call)
         self.row_hints: Optional[list[torch.Tensor]] = None
@@ -89,7 +95,7 @@ class ColorizeHooks:
         self.reference_fidelity: float = 0.0
         self.keep_bank = False
         self._bank: dict[int, torch.Tensor] = {}
-        self._pending: dict[int, torch.Tensor] = {}
+        self._pending: dict = {}
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -186,6 +192,19 @@ class ColorizeHooks:
 
         return hook
 
+    def _split_fidelity_rows(self, module: nn.Module, rows: int) -> Optional[tuple]:
+        """(rows kept in the module call, reference-dropped rows computed by the merge), or None for one call."""
+        if not self.merge_fidelity or self.fidelity_rows is None or self.reference_fidelity <= 1e-5:
+            return None
+        if not all(hasattr(module, name) for name in ("heads", "to_q", "to_k", "to_v", "to_out")):
+            return None
+        dropped = self.fidelity_rows
+        kept_mask = torch.ones(rows, dtype=torch.bool)
+        kept_mask[dropped] = False
+        if not 0 < dropped.numel() < rows:
+            return None   # a call of reference-dropped rows only (cond and uncond unbatched): the original's way
+        return kept_mask.nonzero().flatten(), dropped
+
     def _bank_pre_hook(self, index: int):
         def hook(module, args, kwargs):
             if self.injection_mode is None:
@@ -203,24 +222,43 @@ class ColorizeHooks:
                 bank = bank.index_select(0, self.bank_index.to(bank.device))
             elif bank.shape[0] != hidden.shape[0]:
                 raise RuntimeError("ColorizeDiffusion: injection bank rows do not match the call rows")
+            bank = bank.to(hidden.dtype)
+            split = self._split_fidelity_rows(module, hidden.shape[0])
+            if split is None:
+                self._pending[index] = hidden
+            else:
+                kept, dropped = (rows.to(hidden.device) for rows in split)
+                self._pending[index] = (hidden, bank, kept, dropped)
+                hidden, bank = hidden.index_select(0, kept), bank.index_select(0, kept)
+                args = (hidden,) + tuple(args[1:]) if args else args
+                if not args:
+                    kwargs = dict(kwargs, x=hidden)
             kwargs = dict(kwargs)
-            kwargs["context"] = torch.cat([hidden, bank.to(hidden.dtype)], dim=1)
-            self._pending[index] = hidden
+            kwargs["context"] = torch.cat([hidden, bank], dim=1)
             return args, kwargs
 
         return hook
 
     def _fidelity_hook(self, index: int):
         def hook(module, args, kwargs, output):
-            hidden = self._pending.pop(index, None)
-            if hidden is None or self.fidelity_rows is None or self.fidelity_rows.numel() == 0:
+            pending = self._pending.pop(index, None)
+            if pending is None:
                 return None
             phi = self.reference_fidelity
-            if phi <= 1e-5:
+            if isinstance(pending, tuple):
+                # the reference-dropped rows left the module call: φ-blend from two N-key attentions (§6.3)
+                hidden, bank, kept, dropped = pending
+                blended = blended_self_attention(module, hidden.index_select(0, dropped),
+                                                 bank.index_select(0, dropped), phi)
+                full = output.new_empty((hidden.shape[0],) + tuple(output.shape[1:]))
+                full.index_copy_(0, kept, output)
+                full.index_copy_(0, dropped, blended.to(output.dtype))
+                return full
+            if self.fidelity_rows is None or self.fidelity_rows.numel() == 0 or phi <= 1e-5:
                 return None
             rows = self.fidelity_rows.to(output.device)
             # plain self-attention for the reference-dropped rows; .forward bypasses these hooks
-            plain = module.forward(hidden.index_select(0, rows), context=None)
+            plain = module.forward(pending.index_select(0, rows), context=None)
             blended = output.clone()
             blended[rows] = phi * plain + (1.0 - phi) * output.index_select(0, rows)
             return blended

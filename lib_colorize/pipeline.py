@@ -196,8 +196,13 @@ class Colorizer:
     @torch.no_grad()
     def colorize(self, options: ColorizeOptions, sampling: SamplingOptions = SamplingOptions(),
                  callback: Optional[Callable] = None, interrupt: Optional[Callable[[], bool]] = None,
-                 injection_full_batch: bool = False) -> ColorizeResult:
-        """One generation of ``sampling.batch_size`` images. Same seed and options give the same images."""
+                 original_injection: bool = False) -> ColorizeResult:
+        """One generation of ``sampling.batch_size`` images. Same seed and options give the same images.
+
+        ``original_injection``: attention injection the original's way (method §6.2-§6.3: a full-batch reference
+        pass through the whole U-Net, plain self-attention of the reference-dropped rows computed separately),
+        for benchmarks and parity tests; the result equals ours within float tolerance.
+        """
         options.check()
         sampling.check()
         width, height = self.output_size(options, sampling)
@@ -220,7 +225,7 @@ class Colorizer:
         if injection_reference is not None:
             injection = conditioning.build_injection(
                 options, self.vae.encode, injection_reference.to(self.device, self.vae_dtype), injection_hints,
-                seed, dtype=self.dtype, full_batch=injection_full_batch)
+                seed, dtype=self.dtype, full_batch=original_injection)
         plan = conditioning.build_plan(options, sketch_hints=sketch_hints, blank_hints=blank_hints,
                                        tokens=tokens, injection=injection)
         scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
@@ -233,7 +238,8 @@ class Colorizer:
         def inner_model(x_in, sigma_in, context):
             return denoiser(x_in, sigma_in, context=context)
 
-        hooks = ColorizeHooks(unet, layer_scales=scales, injection=injection is not None, stop_write_early=True)
+        hooks = ColorizeHooks(unet, layer_scales=scales, injection=injection is not None,
+                              stop_write_early=not original_injection, merge_fidelity=not original_injection)
 
         def model(x, sigma):
             return guided_call(plan, hooks, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),

@@ -65,7 +65,7 @@ def test_distinct_row_injection_equals_the_original_full_batch_pass(tmp_path, cl
     opts = options(injection=True, injection_reference_fidelity=0.7)
     sampling = SamplingOptions(sampler="Euler", steps=3, seed=3, width=64, height=64, batch_size=2)
     ours = colorizer.colorize(opts, sampling)
-    original = colorizer.colorize(opts, sampling, injection_full_batch=True)
+    original = colorizer.colorize(opts, sampling, original_injection=True)
     assert (ours.latents - original.latents).abs().max() <= 1e-4 * original.latents.abs().max()
     assert ours.stats["write_rows"] < original.stats["write_rows"]
     plain = colorizer.colorize(options(), sampling)
