@@ -38,8 +38,11 @@ tokens² x width, convolutions with tokens x width²), so the injection ratios a
 released model's at the same resolution (compare the FLOP columns).
 
 "ours" is the library as the pipeline runs it: the distinct-rows reference pass, which stops once the last
-transformer block's ``attn1`` has filled the bank (``ColorizeHooks(stop_write_early=True)``). "original" is the
-original's full-batch reference pass through the whole U-Net.
+transformer block's ``attn1`` has filled the bank (``ColorizeHooks(stop_write_early=True)``), and the read pass in
+which the reference-dropped rows get their φ-blend of plain and injected self-attention from two ``N``-key
+attentions merged by log-sum-exp (``merge_fidelity=True``, :mod:`lib_colorize.attention`). "original" is the
+original's algorithm (method §6.2-§6.3): the full-batch reference pass through the whole U-Net, and a separate
+plain self-attention of the reference-dropped rows next to their injected one over ``2N`` keys.
 
 The last line of the output is one JSON object with exactly the keys of :data:`JSON_KEYS`.
 """
