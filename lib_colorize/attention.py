@@ -15,7 +15,8 @@ The output projection ``to_out`` is affine, so blending before it equals blendin
 
 :func:`attention_with_lse` runs the fused kernel of the device when it returns the log-sum-exp (torch's flash or
 memory-efficient attention, selected once per device, dtype and head width by comparing with the exact formula on
-a small input) and otherwise the exact formula in query chunks.
+a small input) and otherwise the exact formula in query chunks. A fused kernel that still fails on a real shape is
+replaced by the formula for that kind of input (out-of-memory errors propagate: the formula would need more).
 """
 from __future__ import annotations
 
@@ -111,8 +112,16 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q kᵀ · scale) v`` and its log-sum-exp ``L`` (float32), q (B, H, N, d), k/v (B, H, M, d)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    _, kernel = select_kernel(q.device, q.dtype, q.shape[-1])
-    out, lse = kernel(q, k, v, scale)
+    name, kernel = select_kernel(q.device, q.dtype, q.shape[-1])
+    try:
+        out, lse = kernel(q, k, v, scale)
+    except RuntimeError as error:
+        if name == "math" or "out of memory" in str(error).lower():
+            raise
+        # a shape the small selection input did not cover: use the exact formula from now on
+        with _selected_lock:
+            _selected[(q.device.type, q.device.index, q.dtype, q.shape[-1])] = ("math", attention_math)
+        out, lse = attention_math(q, k, v, scale)
     return out, lse.float()
 
 

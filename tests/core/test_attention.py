@@ -64,6 +64,30 @@ def test_kernel_selection_falls_back_to_the_formula_when_a_kernel_disagrees_or_r
     assert select_kernel(torch.device("meta"), torch.float32, 16)[0] == "math"   # FLOP counting
 
 
+def test_a_kernel_failing_on_a_real_shape_falls_back_to_the_formula_but_memory_errors_propagate(monkeypatch):
+    def small_only(q, k, v, scale):
+        if q.shape[-2] > 100:
+            raise RuntimeError("unsupported sequence length")
+        return attention_math(q, k, v, scale)
+
+    monkeypatch.setattr(attention, "_FUSED_KERNELS", (("small_only", small_only),))
+    monkeypatch.setattr(attention, "_selected", {})
+    q, k, v = qkv(n=150, m=150, seed=5)
+    out, lse = attention_with_lse(q, k, v)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+    assert select_kernel(torch.device("cpu"), torch.float32, 16)[0] == "math"
+
+    def out_of_memory(q, k, v, scale):
+        if q.shape[-2] > 100:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return attention_math(q, k, v, scale)
+
+    monkeypatch.setattr(attention, "_FUSED_KERNELS", (("oom", out_of_memory),))
+    monkeypatch.setattr(attention, "_selected", {})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        attention_with_lse(q, k, v)
+
+
 def test_attention_over_a_union_of_keys_is_the_logsumexp_weighted_mean():
     q, k, v = qkv(m=40, seed=2)
     k2, v2 = qkv(m=60, seed=3)[1:]
@@ -94,6 +118,21 @@ def test_blended_self_attention_equals_the_two_attentions_of_the_original(phi, h
     assert (ours - want).abs().max() <= 1e-5 * want.abs().max()
     if phi < 1.0:   # the bank matters (the test can fail)
         assert not torch.allclose(want, other, atol=1e-4)
+
+
+def test_blended_self_attention_in_half_precision():
+    """bfloat16 (what the webui runs on CPUs that support it): same result as the original's two calls in
+    bfloat16, within bfloat16 rounding of the float32 result."""
+    torch.manual_seed(3)
+    attn = CrossAttention(64, heads=1, dim_head=64).eval()
+    hidden, bank = torch.randn(1, 256, 64), torch.randn(1, 256, 64)
+    with torch.no_grad():
+        exact = original_blend(attn, hidden, bank, 0.5)
+        attn16 = attn.to(torch.bfloat16)
+        ours = blended_self_attention(attn16, hidden.bfloat16(), bank.bfloat16(), 0.5)
+        theirs = original_blend(attn16, hidden.bfloat16(), bank.bfloat16(), 0.5)
+    assert ours.dtype == torch.bfloat16
+    assert (ours.float() - exact).abs().max() <= 2 * (theirs.float() - exact).abs().max() + 1e-2
 
 
 def test_ldm_style_module_with_its_own_scale_and_kernel():
