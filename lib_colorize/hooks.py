@@ -198,11 +198,11 @@ class ColorizeHooks:
             return None
         if not all(hasattr(module, name) for name in ("heads", "to_q", "to_k", "to_v", "to_out")):
             return None
-        dropped = self.fidelity_rows
-        kept_mask = torch.ones(rows, dtype=torch.bool)
-        kept_mask[dropped] = False
+        dropped = self.fidelity_rows.cpu()
         if not 0 < dropped.numel() < rows:
             return None   # a call of reference-dropped rows only (cond and uncond unbatched): the original's way
+        kept_mask = torch.ones(rows, dtype=torch.bool)
+        kept_mask[dropped] = False
         return kept_mask.nonzero().flatten(), dropped
 
     def _bank_pre_hook(self, index: int):
