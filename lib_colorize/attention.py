@@ -73,6 +73,10 @@ _selected: dict = {}
 _selected_lock = threading.Lock()
 
 
+def _kernel_key(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple:
+    return device.type, device.index, dtype, head_dim
+
+
 def _agrees_with_math(kernel: AttentionWithLSE, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Does ``kernel`` give the exact formula's output and log-sum-exp on a small input of this kind?"""
     generator = torch.Generator().manual_seed(0)
@@ -93,7 +97,7 @@ def _agrees_with_math(kernel: AttentionWithLSE, device: torch.device, dtype: tor
 
 def select_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> Tuple[str, AttentionWithLSE]:
     """The first fused kernel that agrees with :func:`attention_math` here, else the exact formula (cached)."""
-    key = (device.type, device.index, dtype, head_dim)
+    key = _kernel_key(device, dtype, head_dim)
     with _selected_lock:
         if key in _selected:
             return _selected[key]
@@ -120,7 +124,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise
         # a shape the small selection input did not cover: use the exact formula from now on
         with _selected_lock:
-            _selected[(q.device.type, q.device.index, q.dtype, q.shape[-1])] = ("math", attention_math)
+            _selected[_kernel_key(q.device, q.dtype, q.shape[-1])] = ("math", attention_math)
         out, lse = attention_math(q, k, v, scale)
     return out, lse.float()
 
@@ -130,10 +134,16 @@ def union_weight(lse_a: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(lse_a - lse_b).unsqueeze(-1)
 
 
-def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, H·d) -> (B, H, N, d)."""
     b, n, inner = t.shape
     return t.reshape(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) -> (B, N, H·d)."""
+    b, heads, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, heads * d)
 
 
 def blended_self_attention(attn: nn.Module, hidden: torch.Tensor, bank: torch.Tensor,
@@ -146,17 +156,15 @@ def blended_self_attention(attn: nn.Module, hidden: torch.Tensor, bank: torch.Te
     """
     heads = int(attn.heads)
     bank = bank.to(hidden.dtype)
-    q = _split_heads(attn.to_q(hidden), heads)
-    head_dim = q.shape[-1]
-    scale = getattr(attn, "scale", None) or head_dim ** -0.5
-    own, lse_own = attention_with_lse(q, _split_heads(attn.to_k(hidden), heads),
-                                      _split_heads(attn.to_v(hidden), heads), scale)
+    q = split_heads(attn.to_q(hidden), heads)
+    scale = getattr(attn, "scale", None) or q.shape[-1] ** -0.5
+    own, lse_own = attention_with_lse(q, split_heads(attn.to_k(hidden), heads),
+                                      split_heads(attn.to_v(hidden), heads), scale)
     phi = float(reference_fidelity)
-    b, _, n, _ = own.shape
     if phi >= 1.0:   # a = 1: plain self-attention only
-        return attn.to_out(own.transpose(1, 2).reshape(b, n, heads * head_dim))
-    ref, lse_ref = attention_with_lse(q, _split_heads(attn.to_k(bank), heads),
-                                      _split_heads(attn.to_v(bank), heads), scale)
+        return attn.to_out(merge_heads(own))
+    ref, lse_ref = attention_with_lse(q, split_heads(attn.to_k(bank), heads),
+                                      split_heads(attn.to_v(bank), heads), scale)
     a = phi + (1.0 - phi) * union_weight(lse_own, lse_ref)
     mixed = (a * own.float() + (1.0 - a) * ref.float()).to(hidden.dtype)
-    return attn.to_out(mixed.transpose(1, 2).reshape(b, n, heads * head_dim))
+    return attn.to_out(merge_heads(mixed))

@@ -96,6 +96,7 @@ class ColorizeHooks:
         self.keep_bank = False
         self._bank: dict[int, torch.Tensor] = {}
         self._pending: dict = {}
+        self._row_split: dict = {}   # (rows, device) -> (kept, dropped) of this call, shared by its 16 blocks
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -154,6 +155,7 @@ class ColorizeHooks:
         self.fidelity_rows = fidelity_rows
         self.reference_fidelity = float(reference_fidelity)
         self.keep_bank = keep_bank
+        self._row_split.clear()
         if injection_mode == WRITE:
             self._bank.clear()
 
@@ -165,6 +167,7 @@ class ColorizeHooks:
         self.keep_bank = False
         self._bank.clear()
         self._pending.clear()
+        self._row_split.clear()
 
     # ------------------------------------------------------------------ hooks
     def _hint_hook(self, position: int):
@@ -192,18 +195,22 @@ class ColorizeHooks:
 
         return hook
 
-    def _split_fidelity_rows(self, module: nn.Module, rows: int) -> Optional[tuple]:
-        """(rows kept in the module call, reference-dropped rows computed by the merge), or None for one call."""
+    def _split_fidelity_rows(self, module: nn.Module, rows: int, device: torch.device) -> Optional[tuple]:
+        """(rows kept in the module call, reference-dropped rows computed by the merge) on ``device``, or None
+        for one call. Computed once per U-Net call (the blocks of a call share it)."""
         if not self.merge_fidelity or self.fidelity_rows is None or self.reference_fidelity <= 1e-5:
             return None
         if not all(hasattr(module, name) for name in ("heads", "to_q", "to_k", "to_v", "to_out")):
             return None
-        dropped = self.fidelity_rows.cpu()
-        if not 0 < dropped.numel() < rows:
+        if not 0 < self.fidelity_rows.numel() < rows:
             return None   # a call of reference-dropped rows only (cond and uncond unbatched): the original's way
-        kept_mask = torch.ones(rows, dtype=torch.bool)
-        kept_mask[dropped] = False
-        return kept_mask.nonzero().flatten(), dropped
+        key = (rows, device)
+        if key not in self._row_split:
+            dropped = self.fidelity_rows.cpu()
+            kept_mask = torch.ones(rows, dtype=torch.bool)
+            kept_mask[dropped] = False
+            self._row_split[key] = (kept_mask.nonzero().flatten().to(device), dropped.to(device))
+        return self._row_split[key]
 
     def _bank_pre_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -223,17 +230,18 @@ class ColorizeHooks:
             elif bank.shape[0] != hidden.shape[0]:
                 raise RuntimeError("ColorizeDiffusion: injection bank rows do not match the call rows")
             bank = bank.to(hidden.dtype)
-            split = self._split_fidelity_rows(module, hidden.shape[0])
+            split = self._split_fidelity_rows(module, hidden.shape[0], hidden.device)
+            kwargs = dict(kwargs)
             if split is None:
                 self._pending[index] = hidden
             else:
-                kept, dropped = (rows.to(hidden.device) for rows in split)
+                kept, dropped = split
                 self._pending[index] = (hidden, bank, kept, dropped)
                 hidden, bank = hidden.index_select(0, kept), bank.index_select(0, kept)
-                args = (hidden,) + tuple(args[1:]) if args else args
-                if not args:
-                    kwargs = dict(kwargs, x=hidden)
-            kwargs = dict(kwargs)
+                if args:
+                    args = (hidden,) + tuple(args[1:])
+                else:
+                    kwargs["x"] = hidden
             kwargs["context"] = torch.cat([hidden, bank], dim=1)
             return args, kwargs
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import merge_heads, split_heads
+
 # Head width of SD 2.x (``num_head_channels: 64``, method §1.1).
 HEAD_CHANNELS = 64
 
@@ -81,22 +83,15 @@ class CrossAttention(nn.Module):
         inner_dim = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.dim_head = dim_head
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
-    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, N, heads*d) -> (B, heads, N, d)."""
-        b, n, _ = t.shape
-        return t.reshape(b, n, self.heads, self.dim_head).transpose(1, 2)
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v over heads: (B, N, inner), (B, M, inner) x2 -> (B, N, inner)."""
-        b, n, _ = q.shape
-        out = F.scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v))
-        return out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
+        return merge_heads(F.scaled_dot_product_attention(q, k, v))
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         context = x if context is None else context

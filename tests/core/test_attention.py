@@ -64,25 +64,26 @@ def test_kernel_selection_falls_back_to_the_formula_when_a_kernel_disagrees_or_r
     assert select_kernel(torch.device("meta"), torch.float32, 16)[0] == "math"   # FLOP counting
 
 
-def test_a_kernel_failing_on_a_real_shape_falls_back_to_the_formula_but_memory_errors_propagate(monkeypatch):
-    def small_only(q, k, v, scale):
-        if q.shape[-2] > 100:
-            raise RuntimeError("unsupported sequence length")
+def kernel_failing_above(queries: int, message: str):
+    """A fused kernel that passes selection (small input) but raises ``message`` on more than ``queries``."""
+    def kernel(q, k, v, scale):
+        if q.shape[-2] > queries:
+            raise RuntimeError(message)
         return attention_math(q, k, v, scale)
+    return kernel
 
-    monkeypatch.setattr(attention, "_FUSED_KERNELS", (("small_only", small_only),))
-    monkeypatch.setattr(attention, "_selected", {})
+
+def test_a_kernel_failing_on_a_real_shape_falls_back_to_the_formula_but_memory_errors_propagate(monkeypatch):
     q, k, v = qkv(n=150, m=150, seed=5)
+    monkeypatch.setattr(attention, "_FUSED_KERNELS",
+                        (("small_only", kernel_failing_above(100, "unsupported sequence length")),))
+    monkeypatch.setattr(attention, "_selected", {})
     out, lse = attention_with_lse(q, k, v)
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
     assert select_kernel(torch.device("cpu"), torch.float32, 16)[0] == "math"
 
-    def out_of_memory(q, k, v, scale):
-        if q.shape[-2] > 100:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return attention_math(q, k, v, scale)
-
-    monkeypatch.setattr(attention, "_FUSED_KERNELS", (("oom", out_of_memory),))
+    monkeypatch.setattr(attention, "_FUSED_KERNELS",
+                        (("oom", kernel_failing_above(100, "CUDA out of memory. Tried to allocate 2.00 GiB")),))
     monkeypatch.setattr(attention, "_selected", {})
     with pytest.raises(RuntimeError, match="out of memory"):
         attention_with_lse(q, k, v)
