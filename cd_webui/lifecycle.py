@@ -3,18 +3,18 @@
 ============================  ================================================================================
 script hook                   what happens
 ============================  ================================================================================
-``before_process``            self-heal: remove hooks left by a crashed earlier run; reset the per-``p`` state
+``before_process``            self-heal: remove processors left by a crashed earlier run; reset the per-``p`` state
                               (the img2img batch tab reuses ``p``); undo an earlier ``p.sample`` wrapper
 ``process``                   parse the args (:func:`cd_webui.args.parse_script_args`, ``p.cd_*`` overrides
                               first), write the ``CD ...`` infotext, validate (ColorizeDiffusion checkpoint, no
                               refiner, supported sampler), encode the reference; wrap ``p.sample``
 ``process_before_every_``     per sampling pass (twice with hires fix): the sketch at this pass's size, the
-``sampling``                  injection latent, the plan; install :class:`~lib_colorize.hooks.ColorizeHooks`;
+``sampling``                  injection latent, the plan; install the :mod:`~lib_colorize.processors`;
                               bind our forward to ``p.sampler.model_wrap_cfg`` (:mod:`cd_webui.sampling`)
 ``p.sample`` wrapper          raises the user errors collected above (the runner swallows exceptions in
-                              ``process``; these reach the UI/API), and ALWAYS removes the hooks (``finally``)
+                              ``process``; these reach the UI/API), and ALWAYS removes the processors (``finally``)
 ``postprocess_image``         "Crop result"
-``postprocess``               remove hooks; add the processed sketch / heat map to the gallery when asked
+``postprocess``               remove processors; add the processed sketch / heat map to the gallery when asked
 ============================  ================================================================================
 
 Disabled: nothing is installed, ``p`` is not touched (except that stale ``CD ...`` infotext keys of an earlier
@@ -31,7 +31,7 @@ import torch
 from lib_colorize import conditioning
 from lib_colorize.errors import ColorizeError, InvalidInput
 from lib_colorize.guidance import cross_attention_scales
-from lib_colorize.hooks import ColorizeHooks, remove_all_hooks
+from lib_colorize import processors as unet_processors
 from lib_colorize.options import NUM_ATTENTION_LAYERS, ColorizeOptions
 
 from . import model, sampling
@@ -52,7 +52,7 @@ class GenerationState:
     is_img2img: bool = False
     scales: Optional[list] = None
     tokens: Optional[torch.Tensor] = None        # reference context (1, N, D), after manipulation
-    hooks: Optional[ColorizeHooks] = None
+    processors: Optional[unet_processors.ProcessorSet] = None
     context: Optional[sampling.SamplingContext] = None
     passes: int = 0
     first_size: Optional[tuple] = None           # (W, H) of the first sampling pass
@@ -61,10 +61,10 @@ class GenerationState:
     stats: dict = field(default_factory=dict)
 
     def release(self) -> None:
-        """Remove this generation's hooks (idempotent)."""
-        if self.hooks is not None:
-            self.hooks.remove()
-            self.hooks = None
+        """Remove this generation's processors (idempotent)."""
+        if self.processors is not None:
+            self.processors.remove()
+            self.processors = None
 
 
 def get_state(p) -> Optional[GenerationState]:
@@ -82,9 +82,9 @@ def is_img2img(p) -> bool:
 
 # ------------------------------------------------------------------------------------------ before_process
 def before_process(p, *args) -> None:
-    removed = remove_all_hooks()
+    removed = unet_processors.remove_all()
     if removed:
-        print(f"ColorizeDiffusion: removed {removed} hook set(s) left over from an interrupted generation")
+        print(f"ColorizeDiffusion: removed {removed} processor set(s) left over from an interrupted generation")
     state = get_state(p)
     if state is not None:
         state.release()
@@ -156,9 +156,7 @@ def _check_supported(p) -> None:
 
 
 def _context_dim(unet) -> int:
-    from lib_colorize.hooks import transformer_blocks
-
-    blocks = transformer_blocks(unet)
+    blocks = unet_processors.transformer_blocks(unet)
     if not blocks:
         raise ColorizeError("ColorizeDiffusion: the loaded U-Net has no transformer blocks")
     to_k = blocks[0].attn2.to_k
@@ -243,7 +241,7 @@ def process_before_every_sampling(p, *args, **kwargs) -> None:
         return
     sampling.bind(denoiser, context)
     state.context = context
-    state.release()  # the previous pass's hooks (hires fix: first pass)
+    state.release()  # the previous pass's processors (hires fix: first pass)
     if state.error is not None:
         context.error = state.error
         return
@@ -253,11 +251,6 @@ def process_before_every_sampling(p, *args, **kwargs) -> None:
         state.release()
         context.error = error
         state.error = error
-
-
-def make_hooks(unet, scales, injection: bool) -> ColorizeHooks:
-    """The hook set; with injection, the write pass stops after the last bank write."""
-    return ColorizeHooks(unet, layer_scales=scales, injection=injection, stop_write_early=injection)
 
 
 def _extractor(options: ColorizeOptions):
@@ -303,9 +296,10 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
                                                  to_unet(injection_hints), seed, dtype=dtype, device=device)
     plan = conditioning.build_plan(options, sketch_hints=to_unet(sketch_hints), blank_hints=to_unet(blank_hints),
                                    tokens=state.tokens, injection=injection)
-    hooks = make_hooks(unet, state.scales, injection is not None).install()
-    state.hooks = hooks
-    context.plan, context.hooks = plan, hooks
+    processors = unet_processors.for_generation(unet, layer_scales=state.scales,
+                                                injection=injection is not None).install()
+    state.processors = processors
+    context.plan, context.processors = plan, processors
     state.passes += 1
     if state.first_size is None:
         state.first_size, state.box = (width, height), box
@@ -346,5 +340,5 @@ def postprocess(p, processed, *args) -> None:
 
 
 def on_script_unloaded() -> None:
-    remove_all_hooks()
+    unet_processors.remove_all()
     model.uninstall_config_resolver()

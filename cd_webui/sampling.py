@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from lib_colorize.denoiser import GenerationPlan, guided_call
-from lib_colorize.hooks import WRITE, ColorizeHooks
+from lib_colorize.processors import ProcessorSet
 
 
 @dataclass
@@ -33,7 +33,7 @@ class SamplingContext:
     """What the forward needs for one sampling pass (made by :mod:`cd_webui.lifecycle`)."""
 
     plan: Optional[GenerationPlan] = None
-    hooks: Optional[ColorizeHooks] = None
+    processors: Optional[ProcessorSet] = None
     error: Optional[BaseException] = None     # a preparation failure, raised by the first forward call
 
     @property
@@ -88,18 +88,18 @@ def make_noised_reference(denoiser):
 class _InnerModel:
     """``inner_model(x_in, sigma_in, ctx)`` for :func:`guided_call` over the webui's model wrapper.
 
-    It also fires ``cfg_denoised`` with the outputs of all main rows (``[c | u_ref | u_sketch]``, the write pass
-    excluded) once the last of them is computed; in-place edits by callbacks reach the guidance combination.
-    When the core evaluates fewer row groups than expected (it may skip rows whose output is known), the
-    callback fires after the combination instead (:meth:`finish`), with edits then having no effect.
+    It also fires ``cfg_denoised`` with the outputs of all main rows (``[c | u_ref | u_sketch]``) once the last of
+    them is computed; in-place edits by callbacks reach the guidance combination. When the core evaluates fewer
+    row groups than expected (it may skip rows whose output is known), the callback fires after the combination
+    instead (:meth:`finish`), with edits then having no effect. The injection's reference pass goes through
+    :meth:`reference_pass`, which the callback never sees.
     """
 
-    def __init__(self, denoiser, image_cond: torch.Tensor, batch: int, main_calls: int, hooks: ColorizeHooks):
+    def __init__(self, denoiser, image_cond: torch.Tensor, batch: int, main_calls: int):
         self.denoiser = denoiser
         self.image_cond = image_cond
         self.batch = batch
         self.main_calls = main_calls
-        self.hooks = hooks
         self.outputs: list = []
         self.fired = False
 
@@ -113,11 +113,12 @@ class _InnerModel:
             return ic.repeat(rows // ic.shape[0], *([1] * (ic.dim() - 1)))
         return ic[:1].expand(rows, *ic.shape[1:])
 
-    def __call__(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def reference_pass(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         cond = {"c_crossattn": [context], "c_concat": [self._image_cond_rows(x_in.shape[0])]}
-        out = self.denoiser.inner_model(x_in, sigma_in, cond=cond)
-        if self.hooks is not None and self.hooks.injection_mode == WRITE:
-            return out
+        return self.denoiser.inner_model(x_in, sigma_in, cond=cond)
+
+    def __call__(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        out = self.reference_pass(x_in, sigma_in, context)
         self.outputs.append(out)
         if len(self.outputs) == self.main_calls:
             self._fire_denoised()
@@ -170,7 +171,7 @@ def colorize_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, ima
     ctx: SamplingContext = self.colorize_context
     if ctx.error is not None:
         raise ctx.error
-    if ctx.plan is None or ctx.hooks is None:
+    if ctx.plan is None or ctx.processors is None:
         raise RuntimeError("ColorizeDiffusion: sampling started without a prepared plan")
 
     if self.mask_before_denoising and self.mask is not None:
@@ -186,11 +187,12 @@ def colorize_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, ima
 
     batch_together = bool(getattr(shared.opts, "batch_cond_uncond", True))
     main_calls = 1 if batch_together else len(plan.roles)
-    inner = _InnerModel(self, image_cond, batch, main_calls, ctx.hooks)
+    inner = _InnerModel(self, image_cond, batch, main_calls)
     with torch.no_grad():
         noised_reference = make_noised_reference(self) if plan.injection is not None else None
-        denoised = guided_call(plan, ctx.hooks, inner, x, sigma, timestep_of(self, sigma),
-                               noised_reference=noised_reference, batch_together=batch_together)
+        denoised = guided_call(plan, ctx.processors, inner, x, sigma, timestep_of(self, sigma),
+                               noised_reference=noised_reference, batch_together=batch_together,
+                               reference_model=inner.reference_pass)
     inner.finish()
 
     if not self.mask_before_denoising and self.mask is not None:

@@ -269,7 +269,7 @@ class StepBench:
     def __init__(self, size: BenchSize, device: torch.device, dtype: torch.dtype,
                  seed: int = 0, unet=None, resolution: Optional[int] = None):
         from .guidance import guidance_mode, row_roles
-        from .hooks import HINT_BLOCKS
+        from .processors import HINT_BLOCKS
 
         self.size, self.device, self.dtype = size, device, dtype
         self.dims = bench_dims(size)
@@ -311,7 +311,7 @@ class StepBench:
         if injection is not None:
             inj = InjectionPlan(reference_latent=self.reference_latent, hints=None,
                                 reference_fidelity=REFERENCE_FIDELITY, start=0.0,
-                                noise_generator=torch.Generator(), full_batch=injection == "original")
+                                noise_generator=torch.Generator())
         return GenerationPlan(mode=self.mode, reference_guidance=REFERENCE_GUIDANCE,
                               sketch_guidance=SKETCH_GUIDANCE, reference_tokens=self.tokens,
                               sketch_hints=self.sketch_hints, blank_hints=self.blank_hints, injection=inj)
@@ -322,21 +322,24 @@ class StepBench:
     def _noised_reference(self, latent, sigma, noise):
         return latent + sigma.reshape(-1, 1, 1, 1).to(latent) * noise
 
-    def _guided(self, plan, hooks, batch: int) -> Callable[[], torch.Tensor]:
+    def _guided(self, plan, hooks, batch: int, call=None) -> Callable[[], torch.Tensor]:
         from .denoiser import guided_call
 
+        call = call or guided_call
         x = self.x[batch]
 
         def run():
             if plan.injection is not None:
                 plan.injection.noise_generator.manual_seed(1234)   # same ε in every configuration
-            return guided_call(plan, hooks, self._inner_model, x, self.sigma, 500.0,
-                               noised_reference=self._noised_reference)
+            return call(plan, hooks, self._inner_model, x, self.sigma, 500.0,
+                        noised_reference=self._noised_reference)
         return run
 
     def _build_configs(self) -> None:
+        from bench.original import original_guided_call, original_processors
+
         from .denoiser import row_contexts, row_hints
-        from .hooks import ColorizeHooks
+        from .processors import UNetCall, for_generation
 
         unet = self.unet
         x1 = self.x[1]
@@ -355,14 +358,11 @@ class StepBench:
         def plain3():
             return unet(x3, self.t, ctx3)
 
-        hooked = ColorizeHooks(unet, layer_scales=self.layer_scales)
+        hooked = for_generation(unet, layer_scales=self.layer_scales)
 
         def hooked3():
-            hooked.set_call(hints3)
-            try:
+            with hooked.call(UNetCall(sketch_hints=hints3)):
                 return unet(x3, self.t, ctx3)
-            finally:
-                hooked.clear_call()
 
         # order: the two terms of every ratio are measured next to each other
         add = self._add
@@ -373,10 +373,11 @@ class StepBench:
             for kind, label in ((None, "injection off"), ("ours", "injection on, ours (distinct rows)"),
                                 ("original", "injection on, original (full batch)")):
                 plan = self._plan(kind)
-                hooks = ColorizeHooks(unet, layer_scales=self.layer_scales, injection=kind is not None,
-                                      stop_write_early=kind == "ours", merge_fidelity=kind == "ours")
+                make = original_processors if kind == "original" else for_generation
+                hooks = make(unet, layer_scales=self.layer_scales, injection=kind is not None)
+                call = original_guided_call if kind == "original" else None
                 name = f"{kind or 'off'}_b{batch}"
-                add(name, f"dual guidance, {label} (b{batch})", self._guided(plan, hooks, batch),
+                add(name, f"dual guidance, {label} (b{batch})", self._guided(plan, hooks, batch, call),
                     hooks=hooks, plan=plan)
 
     def _add(self, name, label, run, hooks=None, plan=None, rows=None):
@@ -468,7 +469,7 @@ def arithmetic_figures(flops: dict) -> dict:
 
 def encoder_calls(size: BenchSize, device: torch.device, workdir: str) -> dict:
     """Colorize twice with one reference (different sketches and seeds) and count the encoders' forward calls."""
-    from .hooks import live_hook_count
+    from .processors import live_count as live_hook_count
     from .models.clip import load_clip
     from .options import ColorizeOptions
     from .pipeline import Colorizer, SamplingOptions
@@ -529,7 +530,7 @@ def endurance(generations: int, workdir: str, device: torch.device, log=print) -
     import gc
     import random as _random
 
-    from .hooks import live_hook_count
+    from .processors import live_count as live_hook_count
     from .models.clip import load_clip
     from .options import ColorizeOptions, Manipulation
     from .pipeline import Colorizer, SamplingOptions
@@ -736,7 +737,10 @@ def memory_worker(config: str, size: BenchSize, device: torch.device, dtype: tor
             return vae.decode((latents / LATENT_SCALE).to(dtype))
     else:
         clip = bench_clip(size.context_dim, device)
-        colorizer = Colorizer(checkpoint, clip, device=device, dtype=dtype)
+        from bench.original import OriginalColorizer
+
+        colorizer = (OriginalColorizer if config == "original" else Colorizer)(checkpoint, clip, device=device,
+                                                                             dtype=dtype)
         options = ColorizeOptions(enabled=True, sketch=synthetic_image(resolution, 0),
                                   reference=synthetic_image(resolution, 100),
                                   reference_guidance=REFERENCE_GUIDANCE, sketch_guidance=SKETCH_GUIDANCE,
@@ -744,8 +748,7 @@ def memory_worker(config: str, size: BenchSize, device: torch.device, dtype: tor
         sampling = SamplingOptions(steps=steps, seed=1, width=resolution, height=resolution, batch_size=1)
 
         def generate():
-            return colorizer.colorize(options, sampling, callback=step_done,
-                                      original_injection=config == "original")
+            return colorizer.colorize(options, sampling, callback=step_done)
 
     results = []
     with torch.inference_mode():

@@ -1,6 +1,6 @@
 """Per-generation conditioning: sketch hints, reference tokens, the injection latent, and the plan.
 
-These run once per generation (the sketch encoder once more per hires pass), never per step (issue 6).
+These run once per generation (the sketch encoder once more per hires pass), never per sampling step.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .denoiser import GenerationPlan, InjectionPlan
-from .guidance import guidance_mode
+from .guidance import GuidanceWindow, guidance_mode
 from .models import LATENT_SCALE
 from .options import ColorizeOptions
 
@@ -78,13 +78,13 @@ def injection_latent(vae_encode: Callable[[torch.Tensor], object], reference_res
 @torch.no_grad()
 def build_injection(options: ColorizeOptions, vae_encode: Callable[[torch.Tensor], object],
                     reference_resized: torch.Tensor, hints: Optional[list], seed: int, *, dtype: torch.dtype,
-                    device=None, full_batch: bool = False) -> InjectionPlan:
+                    device=None) -> InjectionPlan:
     """The attention-injection inputs (method §6.1): the latent with CPU noise seeded ``seed`` and the
     generator of the per-call ε seeded ``seed + 1``, so the same seed gives the same images on every host."""
     latent = injection_latent(vae_encode, reference_resized, torch.Generator().manual_seed(seed))
     return InjectionPlan(reference_latent=latent.to(device=device, dtype=dtype), hints=hints,
                          reference_fidelity=options.injection_reference_fidelity, start=options.injection_start,
-                         noise_generator=torch.Generator().manual_seed(seed + 1), full_batch=full_batch)
+                         noise_generator=torch.Generator().manual_seed(seed + 1))
 
 
 def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: list, tokens: torch.Tensor,
@@ -97,7 +97,7 @@ def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: lis
         reference_tokens=tokens,
         sketch_hints=sketch_hints,
         blank_hints=blank_hints,
-        window=(options.guidance_start, options.guidance_end, options.no_guidance_start,
-                options.no_guidance_end),
+        window=GuidanceWindow(options.guidance_start, options.guidance_end, options.no_guidance_start,
+                              options.no_guidance_end),
         injection=injection,
     )

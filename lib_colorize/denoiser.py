@@ -1,4 +1,4 @@
-"""The dual-guidance denoiser call over a hooked U-Net (method §5, §6.2), shared by every host.
+"""The dual-guidance denoiser call over a U-Net with the generation's processors (method §5, §6.2), for every host.
 
 A host (the host-free pipeline, or the webui's ``CFGDenoiser``) gives :func:`guided_call` three things:
 
@@ -9,16 +9,16 @@ A host (the host-free pipeline, or the webui's ``CFGDenoiser``) gives :func:`gui
 * ``noised_reference(latent, sigma, noise)``: the reference latent brought to this call's noise level in the
   host's input space (k-diffusion: ``r + σ ε``; timestep samplers: ``√ᾱ_t r + √(1-ᾱ_t) ε``).
 
-The call builds the rows ``[c | u_ref | u_sketch]`` of the active guidance mode with their contexts and
-sketch hints, runs the attention-injection write pass when due, evaluates the model (one call, or one per
-role when the host does not batch cond and uncond together), and combines the outputs.
+The call builds the rows ``[c | u_ref | u_sketch]`` of the active guidance mode with their contexts and sketch
+hints, runs the attention-injection reference pass when due, evaluates the model (one call, or one per role when
+the host does not batch cond and uncond together), each inside a :class:`~lib_colorize.processors.UNetCall`, and
+combines the outputs.
 
-**Cheaper attention injection** (issue 6; same result as method §6.2). The original runs the reference pass on
-all ``B = rows × bs`` rows, but those rows share the reference latent, the noise ``ε``, the timestep and the
-hints, and differ only by context: the reference tokens (rows ``c`` and ``u_sketch``) or zeros (rows
-``u_ref``); outside the guidance window every row has the same one-token zero context. We therefore run only
-the distinct rows (one or two) and let each main row read the bank row of its context
-(``bank_index``). ``InjectionPlan.full_batch=True`` keeps the original full-batch pass for benchmarks.
+**The reference pass runs only the rows that differ** (same result as method §6.2). The original runs it on all
+``B = rows × bs`` rows, but those rows share the reference latent, the noise ``ε``, the timestep and the hints, and
+differ only by context: the reference tokens (rows ``c`` and ``u_sketch``) or zeros (rows ``u_ref``); outside the
+guidance window every row has the same one-token zero context. So only the distinct rows (one or two) are run, and
+each main row reads the bank row of its context (``BankRead.bank_rows``).
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .guidance import (COND, REF_DROPPED, SKETCH_DROPPED, GuidanceMode, combine, progress,
-                       reference_window_open, row_roles, split_rows)
-from .hooks import READ, WRITE, ColorizeHooks, WritePassDone
+from .guidance import (COND, REF_DROPPED, SKETCH_DROPPED, GuidanceMode, GuidanceWindow, combine, progress,
+                       row_roles, split_rows)
+from .processors import BankRead, BankWrite, ProcessorSet, ReferenceBank, UNetCall, WritePassDone
+from .processors.injection import MIN_FIDELITY
 
 InnerModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NoisedReference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,7 +45,6 @@ class InjectionPlan:
     reference_fidelity: float = 0.5           # φ
     start: float = 0.0                        # τ₀: no injection while τ < τ₀
     noise_generator: Optional[torch.Generator] = None  # CPU generator for the per-call ε (reproducible)
-    full_batch: bool = False                  # run the original's full-batch reference pass (benchmarks)
 
 
 @dataclass
@@ -57,7 +57,7 @@ class GenerationPlan:
     reference_tokens: torch.Tensor            # (1, N, D) local tokens after manipulation, or zeros
     sketch_hints: list                        # 5 × (1, C, h, w), already × sketch strength
     blank_hints: list                         # hints of the blank (-1) sketch, × sketch strength
-    window: tuple = (0.0, 1.0, -0.05, -0.05)  # guidance start, end, no-guidance start, end
+    window: GuidanceWindow = GuidanceWindow()
     injection: Optional[InjectionPlan] = None
     stats: dict = field(default_factory=lambda: {"unet_calls": 0, "unet_rows": 0, "write_rows": 0})
 
@@ -86,99 +86,97 @@ def row_hints(plan: GenerationPlan, roles: Sequence[str], batch: int) -> list:
     return levels
 
 
-def _write_pass_contexts(plan: GenerationPlan, roles: Sequence[str], batch: int, window_open: bool):
-    """Contexts of the reference (write) pass and, for each main row, the write row it reads.
-
-    Distinct form: at most two rows (reference tokens, zeros); full form: the main rows themselves.
-    """
-    if plan.injection.full_batch:
-        return row_contexts(plan, roles, batch, window_open), None
+def reference_pass_rows(plan: GenerationPlan, roles: Sequence[str], batch: int,
+                        window_open: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct contexts of the reference pass (at most two rows: reference tokens, zeros) and, for each main
+    row, the reference-pass row whose bank it reads."""
+    tokens = plan.reference_tokens
     if not window_open:
-        return plan.reference_tokens.new_zeros(1, 1, plan.reference_tokens.shape[-1]), \
-            torch.zeros(batch * len(roles), dtype=torch.long)
+        return tokens.new_zeros(1, 1, tokens.shape[-1]), torch.zeros(batch * len(roles), dtype=torch.long)
     kinds = ["zeros" if r == REF_DROPPED else "tokens" for r in roles]
     distinct = list(dict.fromkeys(kinds))
-    contexts = {"tokens": plan.reference_tokens, "zeros": torch.zeros_like(plan.reference_tokens)}
-    write_context = torch.cat([contexts[k] for k in distinct], dim=0)
-    bank_index = torch.tensor([distinct.index(k) for k in kinds for _ in range(batch)], dtype=torch.long)
-    return write_context, bank_index
+    contexts = {"tokens": tokens, "zeros": torch.zeros_like(tokens)}
+    bank_rows = torch.tensor([distinct.index(k) for k in kinds for _ in range(batch)], dtype=torch.long)
+    return torch.cat([contexts[k] for k in distinct], dim=0), bank_rows
 
 
-def _write_pass(plan, hooks, inner_model, noised_reference, sigma, roles, batch, window_open):
+def reference_pass(plan: GenerationPlan, processors: ProcessorSet, model: InnerModel,
+                   noised_reference: NoisedReference, sigma: torch.Tensor, roles: Sequence[str], batch: int,
+                   window_open: bool) -> tuple[ReferenceBank, torch.Tensor]:
+    """The injection's reference pass (method §6.2): the noised reference latent through the U-Net, its
+    ``attn1`` inputs into a new bank. Returns the bank and each main row's bank row."""
     inj = plan.injection
-    write_context, bank_index = _write_pass_contexts(plan, roles, batch, window_open)
-    rows = write_context.shape[0]
+    context, bank_rows = reference_pass_rows(plan, roles, batch, window_open)
+    rows = context.shape[0]
     latent = inj.reference_latent
     noise = torch.randn(latent.shape, generator=inj.noise_generator, dtype=torch.float32)
     noise = noise.to(device=latent.device, dtype=latent.dtype)   # the same ε for every row (method §6.2)
     sigma0 = sigma.reshape(-1)[:1]
     x_ref = noised_reference(latent, sigma0, noise).expand(rows, -1, -1, -1)
-    hooks.set_call(inj.hints, injection_mode=WRITE)
-    try:
-        inner_model(x_ref, sigma0.expand(rows), write_context)   # output discarded: only the bank matters
-    except WritePassDone:
-        pass   # the last attn1 has written the bank; the rest of the U-Net was skipped (hooks.stop_write_early)
-    finally:
-        hooks.row_hints = None
+    bank = ReferenceBank()
+    with processors.call(UNetCall(sketch_hints=inj.hints, bank=BankWrite(bank))):
+        try:
+            model(x_ref, sigma0.expand(rows), context)   # output discarded: only the bank matters
+        except WritePassDone:
+            pass   # the last attn1 has written the bank; the rest of the U-Net was skipped
     plan.stats["write_rows"] += rows
-    return bank_index
+    return bank, bank_rows
+
+
+def evaluated_roles(plan: GenerationPlan, window_open: bool, injecting: bool) -> tuple:
+    """The row groups that need a U-Net evaluation. Outside the window the reference-dropped rows have the cond
+    rows' inputs (x, sketch hints, the one-token zero context, the same bank row) and so their output (method §5.4:
+    ``D_c = D_u0``), unless injection blends them differently."""
+    roles = plan.roles
+    blends = injecting and plan.injection.reference_fidelity > MIN_FIDELITY
+    if not window_open and COND in roles and REF_DROPPED in roles and not blends:
+        return tuple(r for r in roles if r != REF_DROPPED)
+    return roles
 
 
 @torch.no_grad()
-def guided_call(plan: GenerationPlan, hooks: ColorizeHooks, inner_model: InnerModel, x: torch.Tensor,
+def guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_model: InnerModel, x: torch.Tensor,
                 sigma: torch.Tensor, t: "float | torch.Tensor", noised_reference: Optional[NoisedReference] = None,
-                batch_together: bool = True) -> torch.Tensor:
+                batch_together: bool = True, reference_model: Optional[InnerModel] = None) -> torch.Tensor:
     """One guided denoiser evaluation ``D(x, σ)`` with ColorizeDiffusion's dual guidance (method §5.3).
 
     ``x``: (bs, 4, h, w) in the host's space; ``sigma``: (bs,) or scalar. Returns (bs, 4, h, w) combined.
+    ``reference_model`` evaluates the injection's reference pass (default ``inner_model``): a host that
+    observes its main evaluations passes a separate one.
     """
     batch = x.shape[0]
-    roles = plan.roles
     sigma = sigma.reshape(-1).expand(batch) if sigma.numel() in (1, batch) else sigma
     tau = progress(t)
-    window_open = reference_window_open(tau, *plan.window)
+    window_open = plan.window.is_open(tau)
     inj = plan.injection
     inject = inj is not None and tau >= inj.start
-    all_roles = roles
-    if (not window_open and COND in roles and REF_DROPPED in roles
-            and not (inject and inj.reference_fidelity > 1e-5)):
-        # outside the window the reference-dropped rows have the cond rows' inputs (x, sketch hints, the one-token
-        # zero context, the same bank row) and so their output: evaluate them once (method §5.4: D_c = D_u0)
-        roles = tuple(r for r in roles if r != REF_DROPPED)
+    roles = evaluated_roles(plan, window_open, inject)
     contexts = row_contexts(plan, roles, batch, window_open)
     hints = row_hints(plan, roles, batch)
-    try:
-        bank_index = None
-        if inject:
-            if noised_reference is None:
-                raise ValueError("attention injection needs noised_reference")
-            bank_index = _write_pass(plan, hooks, inner_model, noised_reference, sigma, roles, batch, window_open)
-        groups = [tuple(roles)] if batch_together else [(r,) for r in roles]
-        outputs = []
-        for group in groups:
-            first = roles.index(group[0]) * batch
-            rows = slice(first, first + batch * len(group))
-            fidelity_rows = None
-            if inject and REF_DROPPED in group:
+    bank = bank_rows = None
+    if inject:
+        if noised_reference is None:
+            raise ValueError("attention injection needs noised_reference")
+        bank, bank_rows = reference_pass(plan, processors, reference_model or inner_model, noised_reference,
+                                         sigma, roles, batch, window_open)
+        bank_rows = bank_rows.to(x.device)
+    outputs = []
+    for group in [tuple(roles)] if batch_together else [(r,) for r in roles]:
+        first = roles.index(group[0]) * batch
+        rows = slice(first, first + batch * len(group))
+        read = None
+        if bank is not None:
+            blended = range(0)
+            if REF_DROPPED in group:
                 start = group.index(REF_DROPPED) * batch
-                fidelity_rows = torch.arange(start, start + batch)
-            group_bank = bank_index[rows] if bank_index is not None else None
-            if inject and bank_index is None and len(groups) > 1:
-                group_bank = torch.arange(rows.start, rows.stop)   # full-batch bank, this call's rows
-            hooks.set_call([h[rows] for h in hints], injection_mode=READ if inject else None,
-                           bank_index=group_bank, fidelity_rows=fidelity_rows,
-                           reference_fidelity=inj.reference_fidelity if inject else 0.0,
-                           keep_bank=group is not groups[-1])
-            x_in = x.repeat(len(group), 1, 1, 1)
-            sigma_in = sigma.repeat(len(group))
-            outputs.append(inner_model(x_in, sigma_in, contexts[rows]))
-            plan.stats["unet_calls"] += 1
-            plan.stats["unet_rows"] += x_in.shape[0]
-        output = torch.cat(outputs, dim=0)
-    finally:
-        hooks.clear_call()
-    outputs_by_role = split_rows(output, roles)
-    if REF_DROPPED in all_roles and REF_DROPPED not in roles:
+                blended = range(start, start + batch)
+            read = BankRead(bank, rows=batch * len(group), bank_rows=bank_rows[rows], blended=blended,
+                            reference_fidelity=inj.reference_fidelity, device=x.device)
+        with processors.call(UNetCall(sketch_hints=[h[rows] for h in hints], bank=read)):
+            outputs.append(inner_model(x.repeat(len(group), 1, 1, 1), sigma.repeat(len(group)), contexts[rows]))
+        plan.stats["unet_calls"] += 1
+        plan.stats["unet_rows"] += batch * len(group)
+    outputs_by_role = split_rows(torch.cat(outputs, dim=0), roles)
+    if REF_DROPPED in plan.roles and REF_DROPPED not in roles:
         outputs_by_role[REF_DROPPED] = outputs_by_role[COND]
     return combine(outputs_by_role, plan.mode, plan.reference_guidance, plan.sketch_guidance)
-

@@ -11,6 +11,7 @@ Row roles of one denoiser call (method §5.1):
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -94,6 +95,20 @@ def reference_window_open(tau: float, start: float, end: float, no_start: float,
     zero token. Recomputed for every call from the original context, never written back.
     """
     return not (tau < start or tau > end or (no_start <= tau <= no_end))
+
+
+@dataclass(frozen=True)
+class GuidanceWindow:
+    """When the reference conditions sampling, on the progress ``τ`` (method §5.4): open on ``[start, end]``
+    except on ``[no_start, no_end]`` (negative bounds, the default, disable that gap)."""
+
+    start: float = 0.0
+    end: float = 1.0
+    no_start: float = -0.05
+    no_end: float = -0.05
+
+    def is_open(self, tau: float) -> bool:
+        return reference_window_open(tau, self.start, self.end, self.no_start, self.no_end)
 
 
 def cross_attention_scales(reference_strength: float, level_scales: Mapping[str, float] | object,

@@ -8,21 +8,32 @@ range, label, tooltip, infotext key and command-line flag. Validation happens he
 
 Defaults are the mid-2024 research app's (method §12.3). Where each option takes effect:
 
-====================================  =====================================================================
-option                                 takes effect in
-====================================  =====================================================================
-sketch, sketch_mode, line_extractor    :func:`lib_colorize.preprocess.prepare_sketch`
-reference, pad_reference               :func:`lib_colorize.preprocess.prepare_reference`, CLIP encode
-reference_guidance, sketch_guidance    :func:`lib_colorize.guidance.guidance_mode` / :func:`~lib_colorize.guidance.combine`
-sketch_strength                        :class:`lib_colorize.hooks.ColorizeHooks` (hint scale k_ctl)
-reference_strength, level_scales,      :func:`lib_colorize.guidance.cross_attention_scales` -> hooks (attn2 scale)
-layer_scales
-guidance_start/end, no_guidance_*      :func:`lib_colorize.guidance.reference_window_open` (per U-Net call)
-injection*                             :class:`lib_colorize.hooks.ColorizeHooks` + :mod:`lib_colorize.denoiser`
-crop_result                            :func:`lib_colorize.preprocess.crop_to_box`
-manipulations                          :func:`lib_colorize.manipulation.apply_manipulations`
-return_sketch, return_heatmap          extra output images (pipeline / webui gallery)
-====================================  =====================================================================
+============================  ==========================================================================
+option                        takes effect in
+============================  ==========================================================================
+enabled                       ``cd_webui.lifecycle.process`` (the CLI is always enabled)
+sketch, sketch_mode,          :func:`lib_colorize.preprocess.prepare_sketch` (``extract``:
+line_extractor                :func:`lib_colorize.extractors.extract_lines`)
+reference                     :func:`lib_colorize.conditioning.reference_tokens` (OpenCLIP tokens)
+pad_reference                 :func:`lib_colorize.preprocess.prepare_reference`
+reference_guidance,           :func:`lib_colorize.guidance.guidance_mode` (the row groups) and
+sketch_guidance               :func:`lib_colorize.guidance.combine`
+sketch_strength               :func:`lib_colorize.conditioning.encode_sketch_hints` (``k_ctl · hints``), added
+                              by :class:`lib_colorize.processors.SketchHints`
+reference_strength,           :func:`lib_colorize.guidance.cross_attention_scales`, applied by
+level_scales, layer_scales    :class:`lib_colorize.processors.CrossAttentionScale`
+guidance_start/end,           :meth:`lib_colorize.guidance.GuidanceWindow.is_open`, per denoiser call
+no_guidance_start/end         (:func:`lib_colorize.denoiser.guided_call`)
+injection                     :func:`lib_colorize.processors.for_generation` (the bank processors) and
+                              :func:`lib_colorize.denoiser.reference_pass`
+injection_start               :func:`lib_colorize.denoiser.guided_call` (a reference pass only when τ ≥ τ₀)
+injection_reference_fidelity  :class:`lib_colorize.processors.ReferenceBankRead` (the φ-blend)
+injection_sketch_fidelity     :func:`lib_colorize.conditioning.encode_sketch_hints` (``κ`` on the reference's
+                              hints)
+crop_result                   :func:`lib_colorize.preprocess.crop_to_box`
+manipulations                 :func:`lib_colorize.manipulation.apply_manipulations`
+return_sketch, return_heatmap extra output images: ``Colorizer.colorize``, ``cd_webui.lifecycle.postprocess``
+============================  ==========================================================================
 """
 from __future__ import annotations
 

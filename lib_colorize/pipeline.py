@@ -2,8 +2,8 @@
 
 :class:`Colorizer` loads the models once and colorizes many sketches; a folder run encodes its one reference
 once (the token cache is keyed by image content). It drives the same core as the webui adapter:
-:mod:`~lib_colorize.conditioning` prepares the plan, :class:`~lib_colorize.hooks.ColorizeHooks` modifies the
-U-Net for the generation only, :func:`~lib_colorize.denoiser.guided_call` is the denoiser, and the samplers are
+:mod:`~lib_colorize.conditioning` prepares the plan, the :mod:`~lib_colorize.processors` modify the U-Net for the
+generation only, :func:`~lib_colorize.denoiser.guided_call` is the denoiser, and the samplers are
 :mod:`lib_colorize.samplers` on the model's own noise schedule.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from . import conditioning
 from .denoiser import guided_call
 from .errors import InvalidInput
 from .guidance import cross_attention_scales
-from .hooks import ColorizeHooks
+from . import processors as unet_processors
 from .models import LATENT_SCALE
 from .options import NUM_ATTENTION_LAYERS, ColorizeOptions
 from .preprocess import (check_resolution, crop_to_box, default_size_for, prepare_reference, prepare_sketch,
@@ -79,7 +79,7 @@ class ColorizeResult:
 
 class OffloadedEncoder(torch.nn.Module):
     """The OpenCLIP image tower (about 0.6 B parameters) waits on the CPU and visits ``device`` for one encode
-    (issue 6: off the GPU between encodes). Cache lookups see it on the CPU, so cache keys stay stable."""
+    (off the GPU between encodes, where the U-Net needs the memory). Cache lookups see it on the CPU, so cache keys stay stable."""
 
     def __init__(self, encoder: torch.nn.Module, device: torch.device):
         super().__init__()
@@ -193,16 +193,19 @@ class Colorizer:
                                     lambda texts: self.encode_text(texts).float())
 
     # ------------------------------------------------------------------ generation
+    def processors_for(self, layer_scales, injection: bool) -> unet_processors.ProcessorSet:
+        """The U-Net processors of one generation (a benchmark substitutes the original's injection here)."""
+        return unet_processors.for_generation(self.unet, layer_scales=layer_scales, injection=injection)
+
+    def denoise(self, plan, processors, inner_model, x, sigma, t, noised_reference) -> torch.Tensor:
+        """One guided denoiser evaluation (:func:`~lib_colorize.denoiser.guided_call`)."""
+        return guided_call(plan, processors, inner_model, x, sigma, t, noised_reference=noised_reference)
+
     @torch.no_grad()
     def colorize(self, options: ColorizeOptions, sampling: SamplingOptions = SamplingOptions(),
-                 callback: Optional[Callable] = None, interrupt: Optional[Callable[[], bool]] = None,
-                 original_injection: bool = False) -> ColorizeResult:
-        """One generation of ``sampling.batch_size`` images. Same seed and options give the same images.
-
-        ``original_injection``: attention injection the original's way (method §6.2-§6.3: a full-batch reference
-        pass through the whole U-Net, plain self-attention of the reference-dropped rows computed separately),
-        for benchmarks and parity tests; the result equals ours within float tolerance.
-        """
+                 callback: Optional[Callable] = None,
+                 interrupt: Optional[Callable[[], bool]] = None) -> ColorizeResult:
+        """One generation of ``sampling.batch_size`` images. Same seed and options give the same images."""
         options.check()
         sampling.check()
         width, height = self.output_size(options, sampling)
@@ -225,7 +228,7 @@ class Colorizer:
         if injection_reference is not None:
             injection = conditioning.build_injection(
                 options, self.vae.encode, injection_reference.to(self.device, self.vae_dtype), injection_hints,
-                seed, dtype=self.dtype, full_batch=original_injection)
+                seed, dtype=self.dtype)
         plan = conditioning.build_plan(options, sketch_hints=sketch_hints, blank_hints=blank_hints,
                                        tokens=tokens, injection=injection)
         scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
@@ -238,12 +241,11 @@ class Colorizer:
         def inner_model(x_in, sigma_in, context):
             return denoiser(x_in, sigma_in, context=context)
 
-        hooks = ColorizeHooks(unet, layer_scales=scales, injection=injection is not None,
-                              stop_write_early=not original_injection, merge_fidelity=not original_injection)
+        processors = self.processors_for(scales, injection is not None)
 
         def model(x, sigma):
-            return guided_call(plan, hooks, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),
-                               noised_reference=lambda r, s, n: r.float() + s.float() * n.float())
+            return self.denoise(plan, processors, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),
+                                lambda r, s, n: r.float() + s.float() * n.float())
 
         sigmas = self.schedule.get_sigmas(sampling.steps, sampler.schedule).to(self.device)
         generators = seeded_generators(seed, sampling.batch_size)
@@ -252,7 +254,7 @@ class Colorizer:
         kwargs = {"callback": callback, "interrupt": interrupt}
         if sampler.func in STOCHASTIC_FUNCTIONS:
             kwargs["generator"] = generators   # per-step noise continues each image's own seeded stream
-        with hooks:
+        with processors:
             latents = sampler.func(model, x, sigmas, **kwargs)
         images = self.decode(latents)
         if options.crop_result:

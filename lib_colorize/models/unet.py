@@ -14,7 +14,7 @@ The released models use 1x1-conv ``proj_in``/``proj_out`` (method §1.1, "differ
 projections (SD 2.x ``use_linear_in_transformer``) are supported too. Dimensions are inferred from the weights
 (:meth:`UNetConfig.from_state_dict`).
 
-Contract relied on by ``hooks.py`` (method §3, §4.2, §6):
+Contract relied on by the processors of :mod:`lib_colorize.processors` (method §3, §4.2, §6):
 
 * ``UNetModel.forward`` is the plain ldm loop: each input block's output is appended to ``hs`` as-is, so a forward
   hook on ``input_blocks[i]`` that returns a modified tensor changes the skip connection too.

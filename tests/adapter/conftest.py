@@ -74,7 +74,7 @@ def _load_script_module():
 @pytest.fixture
 def webui(data_dir, monkeypatch):
     """A fresh stand-in webui with the extension's script imported; yields a small namespace of helpers."""
-    from lib_colorize.hooks import live_hook_count, remove_all_hooks
+    from lib_colorize.processors import live_count, remove_all
     from lib_colorize.testing.clip import TINY_CLIP_NAME
     from modules import errors, modelloader, paths, script_callbacks, sd_models_config, sd_samplers_common, shared
 
@@ -96,8 +96,8 @@ def webui(data_dir, monkeypatch):
     module = _load_script_module()
     script_callbacks.ui_settings_callback()
     yield WebUI(module)
-    remove_all_hooks()
-    assert live_hook_count() == 0
+    remove_all()
+    assert live_count() == 0
     sd_models_config.find_checkpoint_config = getattr(sd_models_config.find_checkpoint_config,
                                                       "colorize_original", original_resolver)
     script_callbacks.clear_callbacks()

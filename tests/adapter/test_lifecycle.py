@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import REPO, reference_image, sketch_image
 from lib_colorize.errors import CheckpointError, InvalidInput, MissingWeights, NotColorizeModel
-from lib_colorize.hooks import live_hook_count
+from lib_colorize.processors import for_generation, live_count
 from lib_colorize.infotext import INFOTEXT_KEYS, KEY_ENABLED
 
 import cd_webui.model as cd_model
@@ -49,7 +49,7 @@ def test_disabled_installs_nothing_and_is_bit_identical(webui, sd_model):
 
     def spy(p_, *args, **kwargs):
         original(p_, *args, **kwargs)
-        installed.append((live_hook_count(), sampling.is_bound(p_.sampler.model_wrap_cfg)))
+        installed.append((live_count(), sampling.is_bound(p_.sampler.model_wrap_cfg)))
 
     lifecycle_spy = pytest.MonkeyPatch()
     lifecycle_spy.setattr(lifecycle, "process_before_every_sampling", spy)
@@ -79,7 +79,7 @@ def test_enabled_run_colorizes_writes_infotext_and_removes_hooks(webui, sd_model
     disabled = webui.txt2img(None, with_script=False)
     webui.run(disabled)
     seen = []
-    handle = sd_model.model.diffusion_model.register_forward_pre_hook(lambda m, a: seen.append(live_hook_count()))
+    handle = sd_model.model.diffusion_model.register_forward_pre_hook(lambda m, a: seen.append(live_count()))
     p = webui.txt2img(enabled(injection=True))
     try:
         processed = webui.run(p)
@@ -87,7 +87,7 @@ def test_enabled_run_colorizes_writes_infotext_and_removes_hooks(webui, sd_model
         handle.remove()
     assert errors.reported == []
     assert seen and all(count == 1 for count in seen)
-    assert live_hook_count() == 0
+    assert live_count() == 0
     assert not torch.equal(p.all_samples[0], disabled.all_samples[0])
     assert p.extra_generation_params[KEY_ENABLED] is True
     assert p.extra_generation_params["CD reference guidance"] == 3.0
@@ -95,7 +95,7 @@ def test_enabled_run_colorizes_writes_infotext_and_removes_hooks(webui, sd_model
     assert cd_keys(p) <= set(INFOTEXT_KEYS)
     assert len(processed.images) == 1
     state = lifecycle.get_state(p)
-    assert state.passes == 1 and state.hooks is None
+    assert state.passes == 1 and state.processors is None
     assert state.context.stats["write_rows"] > 0
 
 
@@ -134,7 +134,7 @@ def test_n_iter_wraps_every_batch(webui, sd_model):
     p = webui.txt2img(enabled(), n_iter=2)
     processed = webui.run(p)
     assert len(processed.images) == 2 and lifecycle.get_state(p).passes == 2
-    assert live_hook_count() == 0
+    assert live_count() == 0
 
 
 @pytest.mark.parametrize("sampler_name", ["Euler a", "DPM++ 2M", "DDIM"])
@@ -145,7 +145,7 @@ def test_other_samplers_run(webui, sd_model, sampler_name):
     webui.run(p)
     assert errors.reported == []
     assert torch.isfinite(p.all_samples[0]).all()
-    assert live_hook_count() == 0
+    assert live_count() == 0
 
 
 # ------------------------------------------------------------------------------------- hooks always removed
@@ -164,10 +164,10 @@ def test_hooks_removed_after_an_exception_inside_sampling(webui, sd_model):
             webui.run(p)
     finally:
         handle.remove()
-    assert live_hook_count() == 0
+    assert live_count() == 0
     p2 = webui.txt2img(enabled())
     webui.run(p2)  # a clean run afterwards
-    assert live_hook_count() == 0
+    assert live_count() == 0
 
 
 def test_interrupt_then_a_clean_run(webui, sd_model):
@@ -184,7 +184,7 @@ def test_interrupt_then_a_clean_run(webui, sd_model):
     p = webui.txt2img(enabled(), steps=4)
     processed = webui.run(p)
     assert len(processed.images) == 1  # the webui decodes the last latent
-    assert live_hook_count() == 0
+    assert live_count() == 0
     assert lifecycle.get_state(p).context.plan.stats["unet_calls"] == 1
     script_callbacks.remove_callbacks_for_function(interrupt_after_first_step)
     shared.state.reset()
@@ -194,23 +194,20 @@ def test_interrupt_then_a_clean_run(webui, sd_model):
 
 
 def test_leftover_hooks_are_removed_before_the_next_generation(webui, sd_model):
-    from lib_colorize.hooks import ColorizeHooks
-
-    ColorizeHooks(sd_model.model.diffusion_model).install()  # as if a crash had left them
-    assert live_hook_count() == 1
+    for_generation(sd_model.model.diffusion_model).install()  # as if a crash had left them
+    assert live_count() == 1
     p = webui.txt2img(None)
     webui.run(p)
-    assert live_hook_count() == 0
+    assert live_count() == 0
 
 
 def test_script_unloaded_removes_hooks_and_the_resolver(webui, sd_model):
-    from lib_colorize.hooks import ColorizeHooks
     from modules import script_callbacks, sd_models_config
 
-    ColorizeHooks(sd_model.model.diffusion_model).install()
+    for_generation(sd_model.model.diffusion_model).install()
     assert hasattr(sd_models_config.find_checkpoint_config, "colorize_original")
     script_callbacks.script_unloaded_callback()
-    assert live_hook_count() == 0
+    assert live_count() == 0
     assert not hasattr(sd_models_config.find_checkpoint_config, "colorize_original")
 
 
@@ -227,7 +224,7 @@ def test_user_errors_are_raised_from_sampling(webui, sd_model, options, kwargs, 
     p = webui.txt2img(options, **kwargs)
     with pytest.raises(error, match=match):
         webui.run(p)
-    assert live_hook_count() == 0
+    assert live_count() == 0
 
 
 def test_not_a_colorize_checkpoint(webui, sd_model, plain_sd_file):
@@ -249,7 +246,7 @@ def test_error_while_preparing_a_pass_is_raised(webui, sd_model, monkeypatch):
     p = webui.txt2img(enabled())
     with pytest.raises(CheckpointError, match="unreadable"):
         webui.run(p)
-    assert live_hook_count() == 0
+    assert live_count() == 0
 
 
 def test_missing_openclip_weights_message(webui, sd_model, tmp_path, monkeypatch):
@@ -294,7 +291,7 @@ def test_hires_fix_reencodes_the_sketch_at_the_hires_size(webui, sd_model):
     assert shapes == [(64, 64), (128, 128)]
     assert p.all_samples[0].shape[-2:] == (16, 16)
     state = lifecycle.get_state(p)
-    assert state.passes == 2 and live_hook_count() == 0
+    assert state.passes == 2 and live_count() == 0
     assert processed.images[0].size == (128, 128)
     assert processed.images[1].size == (64, 64)  # the processed sketch (first pass)
 
@@ -353,7 +350,7 @@ def test_img2img_init_image_as_sketch_with_mask(webui, sd_model):
     assert torch.equal(samples[..., :4], init_latent[..., :4])  # kept half: the original latent
     assert not torch.allclose(samples[..., 4:], init_latent[..., 4:])
     assert p.extra_generation_params["CD sketch hash"] is not None
-    assert live_hook_count() == 0
+    assert live_count() == 0
 
 
 def test_img2img_ddim_blends_before_denoising(webui, sd_model):
@@ -383,7 +380,7 @@ def test_img2img_batch_tab_reuses_p(webui, sd_model):
     webui.run(p)
     assert lifecycle.get_state(p) is not first
     assert getattr(p.sample, "colorize_original").__func__ is type(p).sample
-    assert live_hook_count() == 0
+    assert live_count() == 0
 
 
 # -------------------------------------------------------------------------------------------- model support

@@ -19,7 +19,7 @@ from conftest import reference_image, sketch_image
 from lib_colorize import conditioning
 from lib_colorize.denoiser import InjectionPlan, guided_call
 from lib_colorize.guidance import GuidanceMode
-from lib_colorize.hooks import ColorizeHooks, live_hook_count
+from lib_colorize.processors import for_generation, live_count
 from lib_colorize.options import ColorizeOptions
 from lib_colorize.preprocess import prepare_sketch
 
@@ -48,8 +48,8 @@ def make_plan(sd_model, reference_guidance, sketch_guidance, *, injection=False,
                               sketch_guidance=sketch_guidance, guidance_start=window[0], guidance_end=window[1])
     plan = conditioning.build_plan(options, sketch_hints=hints, blank_hints=blank, tokens=tokens, injection=inj)
     scales = [0.5 + i / 32 for i in range(16)]
-    hooks = ColorizeHooks(sd_model.model.diffusion_model, layer_scales=scales, injection=injection)
-    return plan, hooks
+    processors = for_generation(sd_model.model.diffusion_model, layer_scales=scales, injection=injection)
+    return plan, processors
 
 
 def make_denoiser(webui, sd_model, sampler_name="Euler", p=None):
@@ -94,7 +94,7 @@ def test_kdiffusion_forward_equals_guided_call(webui, sd_model, mode, injection)
     sigma = torch.full((2,), 2.5)
     sampler, denoiser = make_denoiser(webui, sd_model)
     plan, hooks = make_plan(sd_model, rg, sg, injection=injection)
-    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, hooks=hooks))
+    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
     with hooks:
         got = call_forward(denoiser, x, sigma)
     plan2, hooks2 = make_plan(sd_model, rg, sg, injection=injection)
@@ -108,7 +108,7 @@ def test_kdiffusion_forward_equals_guided_call(webui, sd_model, mode, injection)
     assert plan.stats["unet_calls"] == 1
     assert plan.stats["write_rows"] == (len([r for r in ("tokens", "zeros") if r != "zeros" or rg > 1])
                                         if injection else 0)
-    assert live_hook_count() == 0
+    assert live_count() == 0
 
 
 @pytest.mark.parametrize("mode", ["reference", "both"])
@@ -120,7 +120,7 @@ def test_timestep_forward_equals_guided_call(webui, sd_model, mode):
     sampler, denoiser = make_denoiser(webui, sd_model, "DDIM")
     assert sampling.is_timestep_denoiser(denoiser)
     plan, hooks = make_plan(sd_model, rg, sg, injection=True)
-    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, hooks=hooks))
+    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
     with hooks:
         got = call_forward(denoiser, x, t)
     alphas = sd_model.alphas_cumprod
@@ -143,7 +143,7 @@ def test_guidance_window_closed_uses_one_zero_token(webui, sd_model):
     seen = []
     handle = sd_model.model.diffusion_model.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs["context"].shape), with_kwargs=True)
-    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, hooks=hooks))
+    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
     try:
         with hooks:
             call_forward(denoiser, torch.randn(1, 4, 8, 8), torch.full((1,), 14.0))  # t ~ 999: window closed
@@ -165,7 +165,7 @@ def test_batch_cond_uncond_off_gives_the_same_result(webui, sd_model, mode):
         shared.opts.batch_cond_uncond = together
         _, denoiser = make_denoiser(webui, sd_model)
         plan, hooks = make_plan(sd_model, rg, sg, injection=True)
-        sampling.bind(denoiser, sampling.SamplingContext(plan=plan, hooks=hooks))
+        sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
         with hooks:
             results[together] = call_forward(denoiser, x, sigma)
         assert plan.stats["unet_calls"] == (1 if together else len(plan.roles))
@@ -178,7 +178,7 @@ def test_interrupt_and_skip_raise_interrupted_exception(webui, sd_model, flag):
 
     _, denoiser = make_denoiser(webui, sd_model)
     plan, hooks = make_plan(sd_model, 3.0, 1.0)
-    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, hooks=hooks))
+    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
     setattr(shared.state, flag, True)
     with hooks, pytest.raises(sd_samplers_common.InterruptedException):
         call_forward(denoiser, torch.randn(1, 4, 8, 8), torch.full((1,), 3.0))
@@ -218,7 +218,7 @@ def test_callbacks_fire_and_their_edits_count(webui, sd_model):
         events.clear()
         _, denoiser = make_denoiser(webui, sd_model)
         plan, hooks = make_plan(sd_model, 3.0, 2.0, injection=True)
-        sampling.bind(denoiser, sampling.SamplingContext(plan=plan, hooks=hooks))
+        sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
         with hooks:
             out = call_forward(denoiser, torch.randn(1, 4, 8, 8), torch.full((1,), 3.0))
         assert torch.equal(out, torch.ones_like(out))
@@ -237,7 +237,7 @@ def test_cfg_denoised_fires_once_when_the_window_is_closed(webui, sd_model):
         events.clear()
         _, denoiser = make_denoiser(webui, sd_model)
         plan, hooks = make_plan(sd_model, 3.0, 2.0, window=(0.5, 1.0))
-        sampling.bind(denoiser, sampling.SamplingContext(plan=plan, hooks=hooks))
+        sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
         with hooks:
             call_forward(denoiser, torch.randn(1, 4, 8, 8), torch.full((1,), 14.0))
         assert len(events) == 1 and events[0][0] in (2, 3)
@@ -248,7 +248,7 @@ def test_store_latent_and_step_counter(webui, sd_model):
 
     sampler, denoiser = make_denoiser(webui, sd_model)
     plan, hooks = make_plan(sd_model, 3.0, 1.0)
-    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, hooks=hooks))
+    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
     with hooks:
         for _ in range(3):
             call_forward(denoiser, torch.randn(1, 4, 8, 8), torch.full((1,), 3.0))
@@ -283,7 +283,7 @@ def test_mask_blend_as_the_webui(webui, sd_model, sampler_name):
     x = torch.randn(1, 4, 8, 8)
     sigma = torch.full((1,), 401.0 if sampler_name == "DDIM" else 3.0)
     plan, hooks = make_plan(sd_model, 3.0, 1.0)
-    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, hooks=hooks))
+    sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
     with hooks:
         got = call_forward(denoiser, x, sigma)
     plan2, hooks2 = make_plan(sd_model, 3.0, 1.0)
@@ -351,4 +351,4 @@ def test_webui_and_host_free_pipeline_give_the_same_latents(webui, sd_model, che
     assert result.latents.shape == webui_latents.shape
     assert torch.allclose(result.latents, webui_latents, atol=1e-5, rtol=1e-5), \
         (result.latents - webui_latents).abs().max()
-    assert live_hook_count() == 0
+    assert live_count() == 0

@@ -13,7 +13,7 @@ from lib_colorize import attention
 from lib_colorize.attention import attention_math, attention_with_lse, blended_self_attention, select_kernel, \
     union_weight
 from lib_colorize.denoiser import InjectionPlan, guided_call
-from lib_colorize.hooks import ColorizeHooks
+from lib_colorize.processors import ProcessorSet, ReferenceBankRead, ReferenceBankWrite, SketchHints
 from lib_colorize.models.unet import CrossAttention
 
 from test_guidance_hooks import make_plan, q_sample, tiny_unet
@@ -166,6 +166,18 @@ def injection_plan(unet, phi):
         reference_latent=latent, hints=None, reference_fidelity=phi, noise_generator=torch.Generator().manual_seed(3)))
 
 
+class UnmergedRead(ReferenceBankRead):
+    """The reference-dropped rows' plain self-attention computed separately (the original's way)."""
+
+    merges_blended_rows = False
+
+
+class WriteThrough(ReferenceBankWrite):
+    """The reference pass through the whole U-Net, so the probes see every block of it."""
+
+    stops_after_last_block = False
+
+
 @pytest.mark.parametrize("phi", [0.5, 1.0])
 def test_read_pass_leaves_the_reference_dropped_rows_out_of_the_module_call(phi):
     unet = tiny_unet(8)
@@ -176,7 +188,8 @@ def test_read_pass_leaves_the_reference_dropped_rows_out_of_the_module_call(phi)
     for merge in (False, True):
         seen = []
         plan = injection_plan(unet, phi)
-        with ColorizeHooks(unet, injection=True, merge_fidelity=merge) as hooks:
+        reader = ReferenceBankRead() if merge else UnmergedRead()
+        with ProcessorSet(unet, [SketchHints(), WriteThrough(), reader]) as hooks:
             # registered after ours: sees the call as the module runs it
             probes = [a.register_forward_pre_hook(lambda m, args, kw: seen.append(
                 (args[0] if args else kw["x"]).shape[0]), with_kwargs=True) for a in attn1]

@@ -17,9 +17,12 @@ import pytest
 import torch
 
 from lib_colorize.denoiser import GenerationPlan, InjectionPlan, guided_call
-from lib_colorize.guidance import (COND, REF_DROPPED, SKETCH_DROPPED, GuidanceMode, combine,
+from lib_colorize.guidance import (COND, REF_DROPPED, SKETCH_DROPPED, GuidanceMode, GuidanceWindow, combine,
                                    cross_attention_scales, guidance_mode, progress, reference_window_open)
-from lib_colorize.hooks import ColorizeHooks, live_hook_count, remove_all_hooks
+from lib_colorize.processors import (ProcessorSet, ReferenceBankRead, ReferenceBankWrite, SketchHints, UNetCall,
+                                     for_generation, live_count, remove_all)
+
+from bench.original import original_guided_call, original_processors
 from lib_colorize.models.unet import UNetConfig, UNetModel, timestep_embedding
 from lib_colorize.options import LevelScales
 
@@ -130,8 +133,7 @@ def test_hint_hooks_equal_restated_unet_loop_and_skip_connections():
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([500.0, 500.0])
     ctx = torch.randn(2, 5, CTX, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad(), ColorizeHooks(unet) as hooks:
-        hooks.set_call(hints)
+    with torch.no_grad(), for_generation(unet) as processors, processors.call(UNetCall(sketch_hints=hints)):
         ours = unet(x, t, ctx)
     with torch.no_grad():
         expected = restated_unet(unet, x, t, ctx, [h.expand(2, -1, -1, -1) for h in hints])
@@ -150,13 +152,13 @@ def test_cross_attention_scale_equals_scaled_output_projection_and_zero_leaves_b
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     ctx = torch.randn(1, 7, CTX, generator=torch.Generator().manual_seed(6))
     t = torch.tensor([321.0])
-    with torch.no_grad(), ColorizeHooks(unet, layer_scales=scales):
+    with torch.no_grad(), for_generation(unet, layer_scales=scales):
         ours = unet(x, t, ctx)
     expected = reference(x, t, ctx)
     assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
     # s = 0: attn2's residual is exactly its to_out bias
     block = [m for m in unet.modules() if hasattr(m, "attn2") and hasattr(m, "ff")][4]
-    with ColorizeHooks(unet, layer_scales=scales):
+    with for_generation(unet, layer_scales=scales):
         out = block.attn2(torch.randn(1, 9, block.attn2.to_q.in_features), context=ctx)
     assert torch.allclose(out, block.attn2.to_out[0].bias.expand_as(out), atol=1e-6)
 
@@ -166,21 +168,21 @@ def test_hooks_are_removed_on_exception_and_output_is_bit_identical():
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([10.0]), torch.randn(1, 3, CTX)
     before = unet(x, t, ctx)
     with pytest.raises(RuntimeError, match="boom"):
-        with ColorizeHooks(unet, layer_scales=[0.3] * 16, injection=True) as hooks:
-            hooks.set_call(random_hints(unet, 1))
-            assert live_hook_count() == 1
+        with for_generation(unet, layer_scales=[0.3] * 16, injection=True) as processors, \
+                processors.call(UNetCall(sketch_hints=random_hints(unet, 1))):
+            assert live_count() == 1
             raise RuntimeError("boom")
-    assert live_hook_count() == 0
+    assert live_count() == 0
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
     assert torch.equal(unet(x, t, ctx), before)
 
 
 def test_remove_all_hooks_self_heals_leftovers():
     unet = tiny_unet()
-    ColorizeHooks(unet, layer_scales=[0.5] * 16).install()
-    assert live_hook_count() == 1
-    assert remove_all_hooks() == 1
-    assert live_hook_count() == 0
+    for_generation(unet, layer_scales=[0.5] * 16).install()
+    assert live_count() == 1
+    assert remove_all() == 1
+    assert live_count() == 0
     assert not any(m._forward_pre_hooks for m in unet.modules())
 
 
@@ -199,7 +201,8 @@ def make_plan(unet, mode_scales, injection=None, window=(0.0, 1.0, -0.05, -0.05)
     g_r, g_s = mode_scales
     return GenerationPlan(mode=guidance_mode(g_r, g_s), reference_guidance=g_r, sketch_guidance=g_s,
                           reference_tokens=tokens, sketch_hints=random_hints(unet, seed + 1),
-                          blank_hints=random_hints(unet, seed + 2), window=window, injection=injection)
+                          blank_hints=random_hints(unet, seed + 2), window=GuidanceWindow(*window),
+                          injection=injection)
 
 
 def restated_rows(plan, bs, window_open):
@@ -238,9 +241,9 @@ def test_guided_call_equals_restated_dual_guidance(scales, batch_together):
     bs = 2
     x = torch.randn(bs, 4, 16, 16, generator=torch.Generator().manual_seed(8))
     t = torch.full((bs,), 600.0)
-    hooks = ColorizeHooks(unet)
-    with hooks:
-        ours = guided_call(plan, hooks, lambda xi, si, c: unet(xi, si, c), x, t, t, batch_together=batch_together)
+    with for_generation(unet) as processors:
+        ours = guided_call(plan, processors, lambda xi, si, c: unet(xi, si, c), x, t, t,
+                           batch_together=batch_together)
     roles, ctx, hints = restated_rows(plan, bs, True)
     with torch.no_grad():
         out = restated_unet(unet, x.repeat(len(roles), 1, 1, 1), t.repeat(len(roles)), ctx, hints)
@@ -254,9 +257,9 @@ def test_guidance_window_is_recomputed_per_call_never_sticky():
     plan = make_plan(unet, (5.0, 1.0), window=(0.5, 1.0, -0.05, -0.05))
     x = torch.randn(1, 4, 16, 16)
     model = lambda xi, si, c: unet(xi, si, c)
-    with ColorizeHooks(unet) as hooks:
-        closed = guided_call(plan, hooks, model, x, torch.tensor([900.0]), 900.0)   # τ ≈ 0.1 < 0.5
-        opened = guided_call(plan, hooks, model, x, torch.tensor([100.0]), 100.0)   # τ ≈ 0.9: reference back
+    with for_generation(unet) as processors:
+        closed = guided_call(plan, processors, model, x, torch.tensor([900.0]), 900.0)   # τ ≈ 0.1 < 0.5
+        opened = guided_call(plan, processors, model, x, torch.tensor([100.0]), 100.0)   # τ ≈ 0.9: reference back
     for t, ours, window_open in ((900.0, closed, False), (100.0, opened, True)):
         roles, ctx, hints = restated_rows(plan, 1, window_open)
         with torch.no_grad():
@@ -270,7 +273,7 @@ def restated_injection_step(unet, plan, x, t, latent, noise, inj_hints, phi, sta
     """The original algorithm (method §6.2-§6.3) with its full-batch reference pass."""
     bs = x.shape[0]
     tau = 1 - float(t[0]) / 999
-    window_open = reference_window_open(tau, *plan.window)
+    window_open = plan.window.is_open(tau)
     roles, ctx, hints = restated_rows(plan, bs, window_open)
     rows = bs * len(roles)
     gr = list(range(bs, 2 * bs)) if "u0" in roles else []
@@ -323,22 +326,25 @@ def test_injection_step_equals_original_full_batch_algorithm(scales, bs, kappa, 
     latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(11))
     inj_hints = [h * kappa for h in random_hints(unet, 12)] if kappa else None
     injection = InjectionPlan(reference_latent=latent, hints=inj_hints, reference_fidelity=0.6, start=0.0,
-                              noise_generator=torch.Generator().manual_seed(99), full_batch=full_batch)
+                              noise_generator=torch.Generator().manual_seed(99))
     plan = make_plan(unet, scales, injection=injection)
     x = torch.randn(bs, 4, 16, 16, generator=torch.Generator().manual_seed(13))
     t = torch.full((bs,), 700.0)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(99))
     expected = restated_injection_step(unet, plan, x, t, latent, noise, inj_hints, 0.6, 0.0)
-    with ColorizeHooks(unet, injection=True) as hooks:
-        ours = guided_call(plan, hooks, lambda xi, si, c: unet(xi, si, c), x, t, t,
-                           noised_reference=lambda r, s, n: q_sample(r, s, n))
+    # full_batch: the benchmark's restatement of the original (bench/original.py) must agree with this one
+    make_processors, call = ((original_processors, original_guided_call) if full_batch
+                             else (for_generation, guided_call))
+    with make_processors(unet, injection=True) as processors:
+        ours = call(plan, processors, lambda xi, si, c: unet(xi, si, c), x, t, t,
+                    noised_reference=lambda r, s, n: q_sample(r, s, n))
     assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
     distinct_rows = 1 if plan.mode in (GuidanceMode.NONE, GuidanceMode.SKETCH) else 2
     assert plan.stats["write_rows"] == (bs * len(plan.roles) if full_batch else distinct_rows)
     # without injection the result differs (the test can fail)
     plain = make_plan(unet, scales)
-    with ColorizeHooks(unet) as hooks:
-        no_inj = guided_call(plain, hooks, lambda xi, si, c: unet(xi, si, c), x, t, t)
+    with for_generation(unet) as processors:
+        no_inj = guided_call(plain, processors, lambda xi, si, c: unet(xi, si, c), x, t, t)
     assert not torch.allclose(ours, no_inj, atol=1e-6)
 
 
@@ -354,20 +360,26 @@ def test_injection_start_gates_the_reference_pass_and_unbatched_calls_agree():
     results = {}
     for together in (True, False):
         plan = make()
-        with ColorizeHooks(unet, injection=True) as hooks:
-            results[(together, "early")] = guided_call(plan, hooks, model, x, early, early,
+        with for_generation(unet, injection=True) as processors:
+            results[(together, "early")] = guided_call(plan, processors, model, x, early, early,
                                                        noised_reference=q_sample, batch_together=together)
             assert plan.stats["write_rows"] == 0
-            results[(together, "late")] = guided_call(plan, hooks, model, x, late, late,
+            results[(together, "late")] = guided_call(plan, processors, model, x, late, late,
                                                       noised_reference=q_sample, batch_together=together)
             assert plan.stats["write_rows"] == 2
     plain = make_plan(unet, (4.0, 2.0))
-    with ColorizeHooks(unet) as hooks:
-        no_inj_early = guided_call(plain, hooks, model, x, early, early)
+    with for_generation(unet) as processors:
+        no_inj_early = guided_call(plain, processors, model, x, early, early)
     assert torch.allclose(results[(True, "early")], no_inj_early, atol=1e-6)
     for phase in ("early", "late"):
         together, separate = results[(True, phase)], results[(False, phase)]
         assert (together - separate).abs().max() <= 1e-4 * together.abs().max()
+
+
+class WriteThrough(ReferenceBankWrite):
+    """The reference pass through the whole U-Net (the original's way)."""
+
+    stops_after_last_block = False
 
 
 def test_write_pass_stops_after_the_last_bank_entry_with_the_same_result():
@@ -382,8 +394,9 @@ def test_write_pass_stops_after_the_last_bank_entry_with_the_same_result():
             noise_generator=torch.Generator().manual_seed(1)))
         calls = []
         handle = unet.out.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
-        with ColorizeHooks(unet, injection=True, stop_write_early=early) as hooks:
-            results[early] = guided_call(plan, hooks, lambda xi, si, c: unet(xi, si, c), x, t, t,
+        writer = ReferenceBankWrite() if early else WriteThrough()
+        with ProcessorSet(unet, [SketchHints(), writer, ReferenceBankRead()]) as processors:
+            results[early] = guided_call(plan, processors, lambda xi, si, c: unet(xi, si, c), x, t, t,
                                          noised_reference=q_sample)
         handle.remove()
         out_calls[early] = calls
@@ -395,8 +408,9 @@ def test_closed_window_evaluates_the_reference_dropped_rows_once():
     unet = tiny_unet()
     plan = make_plan(unet, (5.0, 2.0), window=(0.5, 1.0, -0.05, -0.05))
     x = torch.randn(2, 4, 16, 16)
-    with ColorizeHooks(unet) as hooks:
-        closed = guided_call(plan, hooks, lambda xi, si, c: unet(xi, si, c), x, torch.full((2,), 900.0), 900.0)
+    with for_generation(unet) as processors:
+        closed = guided_call(plan, processors, lambda xi, si, c: unet(xi, si, c), x, torch.full((2,), 900.0),
+                             900.0)
     assert plan.stats["unet_rows"] == 4, "c and u_sketch only: u_ref equals c outside the window"
     roles, ctx, hints = restated_rows(plan, 2, False)
     with torch.no_grad():

@@ -141,7 +141,7 @@ def test_timestep_embedding_cos_then_sin_fractional():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Contracts relied on by hooks.py
+# Contracts relied on by the U-Net processors (lib_colorize/processors)
 
 
 def test_attn2_gets_context_keyword_and_to_out_is_hookable(tiny_unet):

@@ -9,13 +9,15 @@ import torch
 from PIL import Image
 
 from lib_colorize.checkpoint import load_checkpoint
-from lib_colorize.hooks import live_hook_count
+from lib_colorize.processors import live_count
 from lib_colorize.models.clip import load_clip
 from lib_colorize.options import ColorizeOptions, Manipulation
 from lib_colorize.pipeline import Colorizer, SamplingOptions
 from lib_colorize.samplers import SamplingInterrupted
 from lib_colorize.testing.checkpoints import make_checkpoint
 from lib_colorize.testing.clip import TINY_CLIP_CONFIG, TINY_CLIP_NAME, make_tiny_clip_weights, register_tiny_clip
+
+from bench.original import OriginalColorizer
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_distinct_row_injection_equals_the_original_full_batch_pass(tmp_path, cl
     opts = options(injection=True, injection_reference_fidelity=0.7)
     sampling = SamplingOptions(sampler="Euler", steps=3, seed=3, width=64, height=64, batch_size=2)
     ours = colorizer.colorize(opts, sampling)
-    original = colorizer.colorize(opts, sampling, original_injection=True)
+    original = OriginalColorizer(colorizer.checkpoint, clip, allow_download=False).colorize(opts, sampling)
     assert (ours.latents - original.latents).abs().max() <= 1e-4 * original.latents.abs().max()
     assert ours.stats["write_rows"] < original.stats["write_rows"]
     plain = colorizer.colorize(options(), sampling)
@@ -91,7 +93,7 @@ def test_interrupt_and_exception_leave_no_state_and_next_generation_is_identical
 
     with pytest.raises(SamplingInterrupted):
         colorizer.colorize(opts, SAMPLING, interrupt=interrupt)
-    assert live_hook_count() == 0
+    assert live_count() == 0
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in colorizer.unet.modules())
 
     def explode(*args):
@@ -99,7 +101,7 @@ def test_interrupt_and_exception_leave_no_state_and_next_generation_is_identical
 
     with pytest.raises(RuntimeError, match="simulated"):
         colorizer.colorize(opts, SAMPLING, callback=explode)
-    assert live_hook_count() == 0
+    assert live_count() == 0
     assert torch.equal(colorizer.colorize(opts, SAMPLING).latents, baseline)
 
 

@@ -1,0 +1,43 @@
+"""U-Net processors: each behaviour of ColorizeDiffusion on an ldm-layout U-Net is one object.
+
+==========================  ==========================================  ==================================================
+processor                   hooks                                       user options it carries
+==========================  ==========================================  ==================================================
+:class:`SketchHints`        ``input_blocks[0, 3, 6, 9, 11]`` outputs     sketch, sketch_mode, sketch_strength (the hints)
+:class:`CrossAttentionScale` ``attn2.to_out[0]`` inputs                  reference_strength, level_scales, layer_scales
+:class:`ReferenceBankWrite` ``attn1`` inputs (reference pass)            injection, injection_start,
+                                                                        injection_sketch_fidelity (the pass's hints)
+:class:`ReferenceBankRead`  ``attn1`` keys/values and output             injection_reference_fidelity
+==========================  ==========================================  ==================================================
+
+:func:`for_generation` builds the set of one generation; the denoiser (:mod:`lib_colorize.denoiser`) enters a
+:class:`UNetCall` for every U-Net evaluation. See :mod:`.base` for the mechanism.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .attention_scale import CrossAttentionScale
+from .base import (HINT_BLOCKS, Processor, ProcessorSet, UNetCall, live_count, remove_all,
+                   transformer_blocks)
+from .injection import (BankRead, BankWrite, ReferenceBank, ReferenceBankRead, ReferenceBankWrite,
+                        WritePassDone)
+from .sketch_hints import SketchHints
+
+__all__ = ["HINT_BLOCKS", "BankRead", "BankWrite", "CrossAttentionScale", "Processor", "ProcessorSet",
+           "ReferenceBank", "ReferenceBankRead", "ReferenceBankWrite", "SketchHints", "UNetCall",
+           "WritePassDone", "for_generation", "live_count", "remove_all", "transformer_blocks"]
+
+
+def for_generation(unet: nn.Module, layer_scales: Optional[Sequence[float]] = None,
+                   injection: bool = False) -> ProcessorSet:
+    """The processors of one generation: sketch hints always; the cross-attention scales when given (hooks only
+    where ``s_i`` is not 1); the injection pair when attention injection is on. Not installed yet."""
+    processors: list[Processor] = [SketchHints()]
+    if layer_scales is not None:
+        processors.append(CrossAttentionScale(layer_scales))
+    if injection:
+        processors += [ReferenceBankWrite(), ReferenceBankRead()]
+    return ProcessorSet(unet, processors)
