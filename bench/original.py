@@ -3,10 +3,11 @@
 The library's injection gives the same result for less work (:mod:`lib_colorize.processors.injection`); this is
 the algorithm it is measured and checked against:
 
-* the reference pass runs on all ``B = rows × bs`` rows with the main pass's contexts, through the whole U-Net;
+* the reference pass runs on all ``B = rows × bs`` rows with the main pass's contexts, through the whole U-Net,
+  with one reference latent and one ``ε`` for the whole batch;
 * every transformer block's self-attention then attends to ``[own ; bank row i]`` for row ``i``, and the
   reference-dropped rows compute their plain self-attention separately and blend it in by ``φ``;
-* every row group is evaluated, also outside the guidance window.
+* every row group is evaluated, also outside the guidance window, and the whole batch in one call.
 
 It runs on the same processor mechanism (sketch hints and cross-attention scales are the library's processors),
 so the two differ only in the injection.
@@ -107,10 +108,11 @@ def original_guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_m
     inj = plan.injection
     bank = None
     if inj is not None and tau >= inj.start:
+        # the original draws one reference latent and one ε for the whole batch: image 0's
         rows = batch * len(roles)
-        noise = torch.randn(inj.reference_latent.shape, generator=inj.noise_generator, dtype=torch.float32)
-        noise = noise.to(inj.reference_latent)
-        x_ref = noised_reference(inj.reference_latent, sigma[:1], noise).expand(rows, -1, -1, -1)
+        latent = inj.reference_latents[:1]
+        noise = torch.randn(latent.shape, generator=inj.noise_generators[0], dtype=torch.float32).to(latent)
+        x_ref = noised_reference(latent, sigma[:1], noise).expand(rows, -1, -1, -1)
         bank = {}
         ref_hints = [h.expand(rows, -1, -1, -1) for h in inj.hints] if inj.hints is not None else None
         with processors.call(UNetCall(sketch_hints=ref_hints, bank=OriginalWrite(bank))):

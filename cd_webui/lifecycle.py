@@ -263,6 +263,16 @@ def _extractor(options: ColorizeOptions):
     return extract
 
 
+def batch_seeds(p, batch: int) -> list:
+    """The seeds of the images being sampled: ``p.seeds`` holds the current batch's (the webui sets it per
+    ``n_iter`` batch), so image ``i`` of any batch gets what a generation of it alone would."""
+    seeds = [int(s) for s in (getattr(p, "seeds", None) or [])][:batch]
+    if len(seeds) < batch:
+        base = seeds[0] if seeds else int(getattr(p, "seed", 0))
+        seeds = [base + i for i in range(batch)]
+    return seeds
+
+
 def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, x) -> None:
     from lib_colorize.preprocess import prepare_sketch, reference_for_injection, tensor_to_images
 
@@ -286,14 +296,14 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
     def to_unet(tensors):
         return None if tensors is None else [t.to(device=device, dtype=dtype) for t in tensors]
 
-    seed = int(p.seeds[0]) if getattr(p, "seeds", None) else int(getattr(p, "seed", 0))
     injection = None
     if injection_reference is not None:
         from modules import devices
 
         vae_input = injection_reference.to(device=device, dtype=getattr(devices, "dtype_vae", torch.float32))
         injection = conditioning.build_injection(options, sd_model.encode_first_stage, vae_input,
-                                                 to_unet(injection_hints), seed, dtype=dtype, device=device)
+                                                 to_unet(injection_hints), batch_seeds(p, int(x.shape[0])),
+                                                 dtype=dtype, device=device)
     plan = conditioning.build_plan(options, sketch_hints=to_unet(sketch_hints), blank_hints=to_unet(blank_hints),
                                    tokens=state.tokens, injection=injection)
     processors = unet_processors.for_generation(unet, layer_scales=state.scales,

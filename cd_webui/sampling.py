@@ -86,64 +86,42 @@ def make_noised_reference(denoiser):
 
 
 class _InnerModel:
-    """``inner_model(x_in, sigma_in, ctx)`` for :func:`guided_call` over the webui's model wrapper.
+    """``inner_model(x_in, sigma_in, ctx)`` for :func:`guided_call` over the webui's model wrapper; the calls of
+    image ``i`` (:meth:`for_image`) carry its row of ``image_cond`` (``c_concat``)."""
 
-    It also fires ``cfg_denoised`` with the outputs of all main rows (``[c | u_ref | u_sketch]``) once the last of
-    them is computed; in-place edits by callbacks reach the guidance combination. When the core evaluates fewer
-    row groups than expected (it may skip rows whose output is known), the callback fires after the combination
-    instead (:meth:`finish`), with edits then having no effect. The injection's reference pass goes through
-    :meth:`reference_pass`, which the callback never sees.
-    """
-
-    def __init__(self, denoiser, image_cond: torch.Tensor, batch: int, main_calls: int):
+    def __init__(self, denoiser, image_cond: Optional[torch.Tensor], image: int = 0):
         self.denoiser = denoiser
         self.image_cond = image_cond
-        self.batch = batch
-        self.main_calls = main_calls
-        self.outputs: list = []
-        self.fired = False
+        self.image = image
 
-    def _image_cond_rows(self, rows: int) -> torch.Tensor:
+    def for_image(self, image: int) -> "_InnerModel":
+        return _InnerModel(self.denoiser, self.image_cond, image)
+
+    def _image_cond_rows(self, rows: int) -> Optional[torch.Tensor]:
         ic = self.image_cond
         if ic is None:
             return None
-        if ic.shape[0] == rows:
-            return ic
-        if rows % ic.shape[0] == 0:
-            return ic.repeat(rows // ic.shape[0], *([1] * (ic.dim() - 1)))
-        return ic[:1].expand(rows, *ic.shape[1:])
+        row = ic[self.image:self.image + 1] if ic.shape[0] > self.image else ic[:1]
+        return row.expand(rows, *ic.shape[1:])
 
-    def reference_pass(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         cond = {"c_crossattn": [context], "c_concat": [self._image_cond_rows(x_in.shape[0])]}
         return self.denoiser.inner_model(x_in, sigma_in, cond=cond)
 
-    def __call__(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        out = self.reference_pass(x_in, sigma_in, context)
-        self.outputs.append(out)
-        if len(self.outputs) == self.main_calls:
-            self._fire_denoised()
-        return out
 
-    def finish(self) -> None:
-        """Fire ``cfg_denoised`` if the row-group count never reached the expected one."""
-        if not self.fired and self.outputs:
-            self._fire_denoised()
+def _cfg_denoised(denoiser):
+    """The ``cfg_denoised`` callback over the main rows' outputs ``[c | u_ref | u_sketch]`` (the reference pass
+    excluded), before the guidance combination: in-place edits count, as in the webui."""
+    from modules import script_callbacks, shared
 
-    def _fire_denoised(self) -> None:
-        from modules import script_callbacks, shared
-
-        self.fired = True
+    def observe(x_out: torch.Tensor) -> None:
         if not script_callbacks.callback_map.get("callbacks_cfg_denoised"):
             return
-        x_out = torch.cat(self.outputs, dim=0) if len(self.outputs) > 1 else self.outputs[0]
         params = script_callbacks.CFGDenoisedParams(x_out, shared.state.sampling_step, shared.state.sampling_steps,
-                                                    self.denoiser.inner_model)
+                                                    denoiser.inner_model)
         script_callbacks.cfg_denoised_callback(params)
-        if len(self.outputs) > 1:  # only in-place edits count (as in the webui); copy them back
-            start = 0
-            for out in self.outputs:
-                out.copy_(x_out[start:start + out.shape[0]])
-                start += out.shape[0]
+
+    return observe
 
 
 def _blend(denoiser, latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -186,14 +164,11 @@ def colorize_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, ima
     x, image_cond, sigma = params.x, params.image_cond, params.sigma
 
     batch_together = bool(getattr(shared.opts, "batch_cond_uncond", True))
-    main_calls = 1 if batch_together else len(plan.roles)
-    inner = _InnerModel(self, image_cond, batch, main_calls)
     with torch.no_grad():
         noised_reference = make_noised_reference(self) if plan.injection is not None else None
-        denoised = guided_call(plan, ctx.processors, inner, x, sigma, timestep_of(self, sigma),
-                               noised_reference=noised_reference, batch_together=batch_together,
-                               reference_model=inner.reference_pass)
-    inner.finish()
+        denoised = guided_call(plan, ctx.processors, _InnerModel(self, image_cond), x, sigma,
+                               timestep_of(self, sigma), noised_reference=noised_reference,
+                               batch_together=batch_together, observe=_cfg_denoised(self))
 
     if not self.mask_before_denoising and self.mask is not None:
         denoised = _blend(self, denoised, sigma)

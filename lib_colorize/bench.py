@@ -309,9 +309,11 @@ class StepBench:
 
         inj = None
         if injection is not None:
-            inj = InjectionPlan(reference_latent=self.reference_latent, hints=None,
-                                reference_fidelity=REFERENCE_FIDELITY, start=0.0,
-                                noise_generator=torch.Generator())
+            # every image gets the same latent and ε stream, so ours and the original's shared draw agree
+            batch = max(self.x)
+            inj = InjectionPlan(reference_latents=self.reference_latent.expand(batch, -1, -1, -1), hints=None,
+                                noise_generators=[torch.Generator() for _ in range(batch)],
+                                reference_fidelity=REFERENCE_FIDELITY, start=0.0)
         return GenerationPlan(mode=self.mode, reference_guidance=REFERENCE_GUIDANCE,
                               sketch_guidance=SKETCH_GUIDANCE, reference_tokens=self.tokens,
                               sketch_hints=self.sketch_hints, blank_hints=self.blank_hints, injection=inj)
@@ -330,7 +332,8 @@ class StepBench:
 
         def run():
             if plan.injection is not None:
-                plan.injection.noise_generator.manual_seed(1234)   # same ε in every configuration
+                for generator in plan.injection.noise_generators:
+                    generator.manual_seed(1234)   # same ε in every configuration
             return call(plan, hooks, self._inner_model, x, self.sigma, 500.0,
                         noised_reference=self._noised_reference)
         return run

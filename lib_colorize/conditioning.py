@@ -66,25 +66,28 @@ def reference_tokens(encode_full: Callable[[torch.Tensor], torch.Tensor], refere
 
 
 @torch.no_grad()
-def injection_latent(vae_encode: Callable[[torch.Tensor], object], reference_resized: torch.Tensor,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``r = 0.18215 · VAE(reference resized to (H, W)).sample()`` with CPU noise (method §6.1)."""
+def injection_latents(vae_encode: Callable[[torch.Tensor], object], reference_resized: torch.Tensor,
+                      seeds: Sequence[int]) -> torch.Tensor:
+    """``r_i = 0.18215 · VAE(reference resized to (H, W)).sample()`` for each image ``i``, its posterior noise drawn
+    on the CPU from ``seeds[i]`` (method §6.1). The reference is encoded once. Returns (len(seeds), 4, h, w)."""
     posterior = vae_encode(reference_resized)
-    noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
-    sample = posterior.mean + posterior.std * noise.to(posterior.mean)
-    return LATENT_SCALE * sample
+    mean, std = posterior.mean, posterior.std
+    noise = torch.cat([torch.randn(mean.shape, generator=torch.Generator().manual_seed(int(seed)),
+                                   dtype=torch.float32) for seed in seeds])
+    return LATENT_SCALE * (mean + std * noise.to(mean))
 
 
 @torch.no_grad()
 def build_injection(options: ColorizeOptions, vae_encode: Callable[[torch.Tensor], object],
-                    reference_resized: torch.Tensor, hints: Optional[list], seed: int, *, dtype: torch.dtype,
-                    device=None) -> InjectionPlan:
-    """The attention-injection inputs (method §6.1): the latent with CPU noise seeded ``seed`` and the
-    generator of the per-call ε seeded ``seed + 1``, so the same seed gives the same images on every host."""
-    latent = injection_latent(vae_encode, reference_resized, torch.Generator().manual_seed(seed))
-    return InjectionPlan(reference_latent=latent.to(device=device, dtype=dtype), hints=hints,
-                         reference_fidelity=options.injection_reference_fidelity, start=options.injection_start,
-                         noise_generator=torch.Generator().manual_seed(seed + 1))
+                    reference_resized: torch.Tensor, hints: Optional[list], seeds: Sequence[int], *,
+                    dtype: torch.dtype, device=None) -> InjectionPlan:
+    """The attention-injection inputs (method §6.1) of a batch whose image ``i`` has seed ``seeds[i]``: its
+    reference latent drawn with CPU noise seeded ``seeds[i]`` and its per-call ε from a generator seeded
+    ``seeds[i] + 1``, so an image is the same in any batch and on every host."""
+    latents = injection_latents(vae_encode, reference_resized, seeds)
+    return InjectionPlan(reference_latents=latents.to(device=device, dtype=dtype), hints=hints,
+                         noise_generators=[torch.Generator().manual_seed(int(seed) + 1) for seed in seeds],
+                         reference_fidelity=options.injection_reference_fidelity, start=options.injection_start)
 
 
 def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: list, tokens: torch.Tensor,

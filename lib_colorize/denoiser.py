@@ -3,7 +3,9 @@
 A host (the host-free pipeline, or the webui's ``CFGDenoiser``) gives :func:`guided_call` three things:
 
 * ``inner_model(x_in, sigma_in, context) -> output``: one batched evaluation of its model wrapper
-  (k-diffusion denoiser returning x0, or a timestep model returning eps);
+  (k-diffusion denoiser returning x0, or a timestep model returning eps). The rows of a call belong to one image
+  of the batch; a model that needs that image's own inputs besides ``x`` (the webui's ``image_cond``) has a method
+  ``for_image(i)`` that returns the model of image ``i``;
 * ``t``: the U-Net timestep of this call (fractional under k-diffusion), for the guidance window and the
   injection start, both defined on the progress ``τ = 1 - t/999``;
 * ``noised_reference(latent, sigma, noise)``: the reference latent brought to this call's noise level in the
@@ -15,10 +17,10 @@ the host does not batch cond and uncond together), each inside a :class:`~lib_co
 combines the outputs.
 
 **The reference pass runs only the rows that differ** (same result as method §6.2). The original runs it on all
-``B = rows × bs`` rows, but those rows share the reference latent, the noise ``ε``, the timestep and the hints, and
-differ only by context: the reference tokens (rows ``c`` and ``u_sketch``) or zeros (rows ``u_ref``); outside the
-guidance window every row has the same one-token zero context. So only the distinct rows (one or two) are run, and
-each main row reads the bank row of its context (``BankRead.bank_rows``).
+``B = rows × bs`` rows, but an image's rows share its reference latent, its noise ``ε``, the timestep and the hints,
+and differ only by context: the reference tokens (rows ``c`` and ``u_sketch``) or zeros (rows ``u_ref``); outside
+the guidance window every row has the same one-token zero context. So only the distinct rows (one or two per image)
+are run, and each main row reads the bank row of its context (``BankRead.bank_rows``).
 """
 from __future__ import annotations
 
@@ -38,13 +40,17 @@ NoisedReference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 
 @dataclass
 class InjectionPlan:
-    """Attention injection inputs prepared once per generation (method §6.1)."""
+    """Attention injection inputs prepared once per generation (method §6.1), one entry per image of the batch.
 
-    reference_latent: torch.Tensor            # r = 0.18215 · VAE(reference resized to (H, W)).sample(), (1,4,h,w)
+    Image ``i`` has its own reference-latent sample and its own generator of the per-call ε (shared by its row
+    groups, method §6.2), both seeded from its seed, so it is the image a generation of it alone would give.
+    """
+
+    reference_latents: torch.Tensor          # r_i = 0.18215 · VAE(reference resized to (H, W)).sample(), (bs,4,h,w)
     hints: Optional[list]                     # hints of the negated reference × κ; None when κ = 0
+    noise_generators: Sequence[torch.Generator]  # CPU generator of image i's per-call ε
     reference_fidelity: float = 0.5           # φ
     start: float = 0.0                        # τ₀: no injection while τ < τ₀
-    noise_generator: Optional[torch.Generator] = None  # CPU generator for the per-call ε (reproducible)
 
 
 @dataclass
@@ -86,31 +92,31 @@ def row_hints(plan: GenerationPlan, roles: Sequence[str], batch: int) -> list:
     return levels
 
 
-def reference_pass_rows(plan: GenerationPlan, roles: Sequence[str], batch: int,
+def reference_pass_rows(plan: GenerationPlan, roles: Sequence[str],
                         window_open: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct contexts of the reference pass (at most two rows: reference tokens, zeros) and, for each main
-    row, the reference-pass row whose bank it reads."""
+    """The distinct contexts of one image's reference pass (at most two rows: reference tokens, zeros) and, for each
+    of its main rows, the reference-pass row whose bank it reads."""
     tokens = plan.reference_tokens
     if not window_open:
-        return tokens.new_zeros(1, 1, tokens.shape[-1]), torch.zeros(batch * len(roles), dtype=torch.long)
+        return tokens.new_zeros(1, 1, tokens.shape[-1]), torch.zeros(len(roles), dtype=torch.long)
     kinds = ["zeros" if r == REF_DROPPED else "tokens" for r in roles]
     distinct = list(dict.fromkeys(kinds))
     contexts = {"tokens": tokens, "zeros": torch.zeros_like(tokens)}
-    bank_rows = torch.tensor([distinct.index(k) for k in kinds for _ in range(batch)], dtype=torch.long)
+    bank_rows = torch.tensor([distinct.index(k) for k in kinds], dtype=torch.long)
     return torch.cat([contexts[k] for k in distinct], dim=0), bank_rows
 
 
 def reference_pass(plan: GenerationPlan, processors: ProcessorSet, model: InnerModel,
-                   noised_reference: NoisedReference, sigma: torch.Tensor, roles: Sequence[str], batch: int,
+                   noised_reference: NoisedReference, sigma: torch.Tensor, roles: Sequence[str], image: int,
                    window_open: bool) -> tuple[ReferenceBank, torch.Tensor]:
-    """The injection's reference pass (method §6.2): the noised reference latent through the U-Net, its
-    ``attn1`` inputs into a new bank. Returns the bank and each main row's bank row."""
+    """The injection's reference pass of one image (method §6.2): its noised reference latent through the U-Net,
+    the ``attn1`` inputs into a new bank. Returns the bank and the bank row of each of the image's main rows."""
     inj = plan.injection
-    context, bank_rows = reference_pass_rows(plan, roles, batch, window_open)
+    context, bank_rows = reference_pass_rows(plan, roles, window_open)
     rows = context.shape[0]
-    latent = inj.reference_latent
-    noise = torch.randn(latent.shape, generator=inj.noise_generator, dtype=torch.float32)
-    noise = noise.to(device=latent.device, dtype=latent.dtype)   # the same ε for every row (method §6.2)
+    latent = inj.reference_latents[image:image + 1]
+    noise = torch.randn(latent.shape, generator=inj.noise_generators[image], dtype=torch.float32)
+    noise = noise.to(device=latent.device, dtype=latent.dtype)   # one ε for all of the image's rows (method §6.2)
     sigma0 = sigma.reshape(-1)[:1]
     x_ref = noised_reference(latent, sigma0, noise).expand(rows, -1, -1, -1)
     bank = ReferenceBank()
@@ -134,15 +140,40 @@ def evaluated_roles(plan: GenerationPlan, window_open: bool, injecting: bool) ->
     return roles
 
 
+def image_rows(plan: GenerationPlan, processors: ProcessorSet, inner_model: InnerModel, x: torch.Tensor,
+               sigma: torch.Tensor, roles: Sequence[str], contexts: torch.Tensor, hints: list,
+               bank: Optional[ReferenceBank], bank_rows: Optional[torch.Tensor], batch_together: bool) -> torch.Tensor:
+    """The outputs of one image's row groups ``[role0, role1, ...]``: one U-Net call, or one per role."""
+    outputs = []
+    for group in [tuple(roles)] if batch_together else [(r,) for r in roles]:
+        first = roles.index(group[0])
+        rows = slice(first, first + len(group))
+        read = None
+        if bank is not None:
+            blended = range(group.index(REF_DROPPED), group.index(REF_DROPPED) + 1) if REF_DROPPED in group \
+                else range(0)
+            read = BankRead(bank, rows=len(group), bank_rows=bank_rows[rows], blended=blended,
+                            reference_fidelity=plan.injection.reference_fidelity, device=x.device)
+        with processors.call(UNetCall(sketch_hints=[h[rows] for h in hints], bank=read)):
+            outputs.append(inner_model(x.repeat(len(group), 1, 1, 1), sigma.repeat(len(group)), contexts[rows]))
+        plan.stats["unet_calls"] += 1
+        plan.stats["unet_rows"] += len(group)
+    return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+
+
 @torch.no_grad()
 def guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_model: InnerModel, x: torch.Tensor,
                 sigma: torch.Tensor, t: "float | torch.Tensor", noised_reference: Optional[NoisedReference] = None,
-                batch_together: bool = True, reference_model: Optional[InnerModel] = None) -> torch.Tensor:
+                batch_together: bool = True,
+                observe: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """One guided denoiser evaluation ``D(x, σ)`` with ColorizeDiffusion's dual guidance (method §5.3).
 
     ``x``: (bs, 4, h, w) in the host's space; ``sigma``: (bs,) or scalar. Returns (bs, 4, h, w) combined.
-    ``reference_model`` evaluates the injection's reference pass (default ``inner_model``): a host that
-    observes its main evaluations passes a separate one.
+
+    Each image of the batch is evaluated on its own, with the shapes of a generation of that image alone: the same
+    kernels then give it bit for bit, whatever the batch (the row groups of one image stay in one call).
+    ``observe`` sees the main rows' outputs ``[role0 × bs, role1 × bs, ...]`` (not the injection's reference
+    pass) before they are combined; in-place edits count.
     """
     batch = x.shape[0]
     sigma = sigma.reshape(-1).expand(batch) if sigma.numel() in (1, batch) else sigma
@@ -150,33 +181,25 @@ def guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_model: Inn
     window_open = plan.window.is_open(tau)
     inj = plan.injection
     inject = inj is not None and tau >= inj.start
+    if inject and noised_reference is None:
+        raise ValueError("attention injection needs noised_reference")
     roles = evaluated_roles(plan, window_open, inject)
-    contexts = row_contexts(plan, roles, batch, window_open)
-    hints = row_hints(plan, roles, batch)
-    bank = bank_rows = None
-    if inject:
-        if noised_reference is None:
-            raise ValueError("attention injection needs noised_reference")
-        bank, bank_rows = reference_pass(plan, processors, reference_model or inner_model, noised_reference,
-                                         sigma, roles, batch, window_open)
-        bank_rows = bank_rows.to(x.device)
-    outputs = []
-    for group in [tuple(roles)] if batch_together else [(r,) for r in roles]:
-        first = roles.index(group[0]) * batch
-        rows = slice(first, first + batch * len(group))
-        read = None
-        if bank is not None:
-            blended = range(0)
-            if REF_DROPPED in group:
-                start = group.index(REF_DROPPED) * batch
-                blended = range(start, start + batch)
-            read = BankRead(bank, rows=batch * len(group), bank_rows=bank_rows[rows], blended=blended,
-                            reference_fidelity=inj.reference_fidelity, device=x.device)
-        with processors.call(UNetCall(sketch_hints=[h[rows] for h in hints], bank=read)):
-            outputs.append(inner_model(x.repeat(len(group), 1, 1, 1), sigma.repeat(len(group)), contexts[rows]))
-        plan.stats["unet_calls"] += 1
-        plan.stats["unet_rows"] += batch * len(group)
-    outputs_by_role = split_rows(torch.cat(outputs, dim=0), roles)
+    contexts = row_contexts(plan, roles, 1, window_open)
+    hints = row_hints(plan, roles, 1)
+    per_image = []
+    for image in range(batch):
+        model = inner_model.for_image(image) if hasattr(inner_model, "for_image") else inner_model
+        bank = bank_rows = None
+        if inject:
+            bank, bank_rows = reference_pass(plan, processors, model, noised_reference, sigma[image:image + 1],
+                                             roles, image, window_open)
+            bank_rows = bank_rows.to(x.device)
+        per_image.append(image_rows(plan, processors, model, x[image:image + 1], sigma[image:image + 1],
+                                    roles, contexts, hints, bank, bank_rows, batch_together))
+    outputs = torch.stack(per_image, dim=1).flatten(0, 1) if batch > 1 else per_image[0]
+    if observe is not None:
+        observe(outputs)
+    outputs_by_role = split_rows(outputs, roles)
     if REF_DROPPED in plan.roles and REF_DROPPED not in roles:
         outputs_by_role[REF_DROPPED] = outputs_by_role[COND]
     return combine(outputs_by_role, plan.mode, plan.reference_guidance, plan.sketch_guidance)

@@ -228,7 +228,7 @@ class Colorizer:
         if injection_reference is not None:
             injection = conditioning.build_injection(
                 options, self.vae.encode, injection_reference.to(self.device, self.vae_dtype), injection_hints,
-                seed, dtype=self.dtype)
+                [seed + i for i in range(sampling.batch_size)], dtype=self.dtype)
         plan = conditioning.build_plan(options, sketch_hints=sketch_hints, blank_hints=blank_hints,
                                        tokens=tokens, injection=injection)
         scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
@@ -273,5 +273,8 @@ class Colorizer:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list:
-        decoded = self.vae.decode((latents / LATENT_SCALE).to(self.vae_dtype))
-        return tensor_to_images(decoded.float().cpu())
+        """One image at a time, as the webui decodes, so an image does not depend on its batch."""
+        images = []
+        for latent in latents.split(1):
+            images += tensor_to_images(self.vae.decode((latent / LATENT_SCALE).to(self.vae_dtype)).float().cpu())
+        return images

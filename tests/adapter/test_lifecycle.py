@@ -73,6 +73,22 @@ def test_default_ui_args_are_disabled(webui, sd_model):
 
 
 # ------------------------------------------------------------------------------------------------- enabled
+@pytest.mark.parametrize("injection", [False, True])
+def test_batch_image_equals_the_single_generation_of_its_seed(webui, sd_model, injection):
+    """Image i of a webui batch is the generation of ``seeds[i]`` alone, bit for bit (injection: its own
+    reference latent and ε), also in the second ``n_iter`` batch."""
+    options = enabled(injection=injection, injection_reference_fidelity=0.6)
+    batch = webui.txt2img(options, batch_size=2, n_iter=2, seed=77, sampler_name="Euler a")
+    webui.run(batch)
+    samples = torch.cat(batch.all_samples)
+    assert samples.shape[0] == 4
+    for i in range(4):
+        single = webui.txt2img(options, batch_size=1, seed=77 + i, sampler_name="Euler a")
+        webui.run(single)
+        assert torch.equal(samples[i:i + 1], single.all_samples[0]), f"image {i}"
+    assert not torch.equal(samples[0], samples[1])
+
+
 def test_enabled_run_colorizes_writes_infotext_and_removes_hooks(webui, sd_model):
     from modules import errors
 

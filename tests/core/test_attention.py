@@ -163,7 +163,8 @@ def test_ldm_style_module_with_its_own_scale_and_kernel():
 def injection_plan(unet, phi):
     latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(31))
     return make_plan(unet, (4.0, 2.0), injection=InjectionPlan(
-        reference_latent=latent, hints=None, reference_fidelity=phi, noise_generator=torch.Generator().manual_seed(3)))
+        reference_latents=latent.expand(2, -1, -1, -1), hints=None, reference_fidelity=phi,
+        noise_generators=[torch.Generator().manual_seed(3) for _ in range(2)]))
 
 
 class UnmergedRead(ReferenceBankRead):
@@ -199,6 +200,7 @@ def test_read_pass_leaves_the_reference_dropped_rows_out_of_the_module_call(phi)
                 probe.remove()
         rows_seen[merge] = seen
     blocks = len(attn1)
-    assert rows_seen[False] == [2] * blocks + [6] * blocks, "write pass: 2 distinct rows; read pass: 3 roles x 2"
-    assert rows_seen[True] == [2] * blocks + [4] * blocks, "the u_ref rows (2 of 6) left the module call"
+    # per image of the batch of 2: its write pass (2 distinct rows), then its read pass (3 roles)
+    assert rows_seen[False] == ([2] * blocks + [3] * blocks) * 2
+    assert rows_seen[True] == ([2] * blocks + [2] * blocks) * 2, "the u_ref row (1 of 3) left the module call"
     assert (results[True] - results[False]).abs().max() <= 1e-4 * results[False].abs().max()

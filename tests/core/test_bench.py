@@ -63,7 +63,8 @@ def test_arithmetic_floors_of_the_released_size():
     assert figures["hook_overhead_ratio"] == 1.0
     assert figures["injection_ratio_b1"] < figures["injection_ratio_original_b1"]
     assert figures["injection_ratio_b1"] / figures["injection_ratio_original_b1"] <= 0.85
-    assert figures["injection_ratio_b4"] / figures["injection_ratio_original_b4"] <= 0.70
+    # every image has its own reference pass (its own ε), so batch 4 saves what batch 1 saves, per image
+    assert figures["injection_ratio_b4"] / figures["injection_ratio_original_b4"] <= 0.85
 
 
 def test_rows_per_step():
@@ -75,7 +76,7 @@ def test_rows_per_step():
             config.call()
     rows = {name: config.rows_per_step() for name, config in step.configs.items()}
     assert rows == {"plain3": 3, "hooked3": 3, "cfg2": 2, "off_b1": 3, "ours_b1": 5, "original_b1": 6,
-                    "off_b4": 12, "ours_b4": 14, "original_b4": 24}
+                    "off_b4": 12, "ours_b4": 20, "original_b4": 24}
 
 
 def _meta_unet():

@@ -325,8 +325,10 @@ def test_injection_step_equals_original_full_batch_algorithm(scales, bs, kappa, 
     unet = tiny_unet(3)
     latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(11))
     inj_hints = [h * kappa for h in random_hints(unet, 12)] if kappa else None
-    injection = InjectionPlan(reference_latent=latent, hints=inj_hints, reference_fidelity=0.6, start=0.0,
-                              noise_generator=torch.Generator().manual_seed(99))
+    # every image with the reference latent and ε stream of the original's single draw (seed 99)
+    injection = InjectionPlan(reference_latents=latent.expand(bs, -1, -1, -1), hints=inj_hints,
+                              noise_generators=[torch.Generator().manual_seed(99) for _ in range(bs)],
+                              reference_fidelity=0.6, start=0.0)
     plan = make_plan(unet, scales, injection=injection)
     x = torch.randn(bs, 4, 16, 16, generator=torch.Generator().manual_seed(13))
     t = torch.full((bs,), 700.0)
@@ -340,7 +342,7 @@ def test_injection_step_equals_original_full_batch_algorithm(scales, bs, kappa, 
                     noised_reference=lambda r, s, n: q_sample(r, s, n))
     assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
     distinct_rows = 1 if plan.mode in (GuidanceMode.NONE, GuidanceMode.SKETCH) else 2
-    assert plan.stats["write_rows"] == (bs * len(plan.roles) if full_batch else distinct_rows)
+    assert plan.stats["write_rows"] == (bs * len(plan.roles) if full_batch else distinct_rows * bs)
     # without injection the result differs (the test can fail)
     plain = make_plan(unet, scales)
     with for_generation(unet) as processors:
@@ -352,8 +354,8 @@ def test_injection_start_gates_the_reference_pass_and_unbatched_calls_agree():
     unet = tiny_unet(4)
     latent = torch.randn(1, 4, 16, 16)
     make = lambda: make_plan(unet, (4.0, 2.0), injection=InjectionPlan(
-        reference_latent=latent, hints=None, reference_fidelity=0.5, start=0.5,
-        noise_generator=torch.Generator().manual_seed(5)))
+        reference_latents=latent, hints=None, noise_generators=[torch.Generator().manual_seed(5)],
+        reference_fidelity=0.5, start=0.5))
     x = torch.randn(1, 4, 16, 16)
     model = lambda xi, si, c: unet(xi, si, c)
     early, late = torch.tensor([900.0]), torch.tensor([200.0])   # τ 0.1 (< start) and 0.8
@@ -390,8 +392,8 @@ def test_write_pass_stops_after_the_last_bank_entry_with_the_same_result():
     results, out_calls = {}, {}
     for early in (False, True):
         plan = make_plan(unet, (4.0, 2.0), injection=InjectionPlan(
-            reference_latent=latent, hints=None, reference_fidelity=0.6,
-            noise_generator=torch.Generator().manual_seed(1)))
+            reference_latents=latent.expand(2, -1, -1, -1), hints=None,
+            noise_generators=[torch.Generator().manual_seed(1) for _ in range(2)], reference_fidelity=0.6))
         calls = []
         handle = unet.out.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
         writer = ReferenceBankWrite() if early else WriteThrough()
@@ -401,7 +403,9 @@ def test_write_pass_stops_after_the_last_bank_entry_with_the_same_result():
         handle.remove()
         out_calls[early] = calls
     assert torch.equal(results[False], results[True])
-    assert out_calls[False] == [2, 6] and out_calls[True] == [6], "the write pass never reaches the output layer"
+    # per image of the batch of 2: its write pass (2 distinct rows), then its 3 main rows
+    assert out_calls[False] == [2, 3, 2, 3] and out_calls[True] == [3, 3], \
+        "the write pass never reaches the output layer"
 
 
 def test_closed_window_evaluates_the_reference_dropped_rows_once():

@@ -65,13 +65,29 @@ def test_encoders_run_once_and_reference_is_cached_across_generations(tmp_path, 
 def test_distinct_row_injection_equals_the_original_full_batch_pass(tmp_path, clip):
     colorizer = colorizer_for(tmp_path, clip)
     opts = options(injection=True, injection_reference_fidelity=0.7)
-    sampling = SamplingOptions(sampler="Euler", steps=3, seed=3, width=64, height=64, batch_size=2)
+    sampling = SamplingOptions(sampler="Euler", steps=3, seed=3, width=64, height=64, batch_size=1)
     ours = colorizer.colorize(opts, sampling)
     original = OriginalColorizer(colorizer.checkpoint, clip, allow_download=False).colorize(opts, sampling)
     assert (ours.latents - original.latents).abs().max() <= 1e-4 * original.latents.abs().max()
     assert ours.stats["write_rows"] < original.stats["write_rows"]
     plain = colorizer.colorize(options(), sampling)
     assert not torch.allclose(plain.latents, ours.latents)
+
+
+@pytest.mark.parametrize("injection", [False, True])
+def test_batch_image_equals_the_single_generation_of_its_seed_bit_for_bit(tmp_path, clip, injection):
+    """Image i of a batch is the generation of seed ``seed + i`` alone: its own initial noise, per-step noise
+    (Euler a), injection latent and ε, and the shapes (so the kernels) of a batch of one."""
+    colorizer = colorizer_for(tmp_path, clip)
+    opts = options(injection=injection, injection_reference_fidelity=0.6)
+    batch = colorizer.colorize(opts, SamplingOptions(sampler="Euler a", steps=3, seed=11, width=64, height=64,
+                                                     batch_size=3))
+    for i in range(3):
+        single = colorizer.colorize(opts, SamplingOptions(sampler="Euler a", steps=3, seed=11 + i, width=64,
+                                                          height=64, batch_size=1))
+        assert torch.equal(batch.latents[i:i + 1], single.latents), f"image {i}"
+        assert batch.images[i].tobytes() == single.images[0].tobytes()
+    assert not torch.equal(batch.latents[0], batch.latents[1])
 
 
 def test_v_parameterization_model_runs_and_differs_from_eps(tmp_path, clip):
