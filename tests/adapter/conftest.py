@@ -1,8 +1,9 @@
 """Adapter tests: the webui adapter (``cd_webui``, ``scripts/``) against a stand-in ``modules`` package.
 
 ``stand_in/`` goes first on ``sys.path`` so that ``import modules`` finds the stand-in (webui-integration §8), never
-a real webui. Models are ``lib_colorize``'s ldm-named modules loaded from a tiny random checkpoint in the released
-key layout; OpenCLIP is a tiny registered architecture with the token geometry of ViT-H/14.
+a real webui, and ``import ldm`` / ``import k_diffusion`` find the stand-in's ldm U-Net and PyPI's k-diffusion. The
+model is loaded from a tiny random checkpoint in the released key layout; OpenCLIP is a tiny registered architecture
+with the token geometry of ViT-H/14.
 """
 from __future__ import annotations
 
