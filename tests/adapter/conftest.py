@@ -31,6 +31,22 @@ torch.set_num_threads(1)
 
 CONTEXT_DIM = 32  # = the tiny OpenCLIP's embed_dim (reference tokens are the U-Net context)
 
+#: The root of a real webui v1.10.1 tree (82a973c0, with its ``repositories/``); the tests that read the real
+#: webui's source run when it is set and skip otherwise (README, Tests).
+WEBUI_DIR_VARIABLE = "CD_WEBUI_DIR"
+
+
+def real_webui_path(relative: str) -> Path:
+    """``relative`` inside the real webui tree named by ``CD_WEBUI_DIR``; skips the test when the variable is not
+    set, fails it when the variable names a tree without that file."""
+    root = os.environ.get(WEBUI_DIR_VARIABLE, "").strip()
+    if not root:
+        pytest.skip(f"{WEBUI_DIR_VARIABLE} is not set (the root of a webui v1.10.1 tree, see README: Tests)")
+    path = Path(root).expanduser() / relative
+    if not path.exists():
+        pytest.fail(f"{WEBUI_DIR_VARIABLE}={root} has no {relative}: not a webui v1.10.1 tree")
+    return path
+
 
 # ------------------------------------------------------------------------------------------------ files
 @pytest.fixture(scope="session")

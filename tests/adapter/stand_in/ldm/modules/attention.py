@@ -128,14 +128,16 @@ class SpatialTransformer(nn.Module):
         self.norm = Normalize(in_channels)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
-            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
         else:
             self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
-            self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1, stride=1, padding=0))
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim[d],
                                    disable_self_attn=disable_self_attn, checkpoint=use_checkpoint)
              for d in range(depth)])
+        if use_linear:
+            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+        else:
+            self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1, stride=1, padding=0))
         self.use_linear = use_linear
 
     def forward(self, x, context=None):
