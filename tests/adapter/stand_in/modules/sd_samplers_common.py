@@ -136,6 +136,26 @@ class Sampler:
             extra_params_kwargs["eta"] = self.eta
         return extra_params_kwargs
 
+    def discard_next_to_last_sigma(self, p) -> bool:
+        """The sampler's option, or the ``always_discard_next_to_last_sigma`` setting (then noted in the infotext)."""
+        discard = self.config is not None and self.config.options.get('discard_next_to_last_sigma', False)
+        if opts.always_discard_next_to_last_sigma and not discard:
+            discard = True
+            p.extra_generation_params["Discard penultimate sigma"] = True
+        return discard
+
+    def run_sampler(self, p, x, steps, conditioning, unconditional_conditioning, image_conditioning,
+                    extra_params_kwargs):
+        """``func(model_wrap_cfg, x, extra_args=..., disable=False, callback=callback_state, ...)`` over ``steps``."""
+        self.sampler_extra_args = {'cond': conditioning, 'image_cond': image_conditioning,
+                                   'uncond': unconditional_conditioning, 'cond_scale': p.cfg_scale,
+                                   's_min_uncond': self.s_min_uncond}
+        samples = self.launch_sampling(steps, lambda: self.func(
+            self.model_wrap_cfg, x, extra_args=self.sampler_extra_args, disable=False, callback=self.callback_state,
+            **extra_params_kwargs))
+        self.add_infotext(p)
+        return samples
+
     def create_noise_sampler(self, x, sigmas, p):
         """SDE samplers: a Brownian tree per image seed, so a batch gives the images made one by one."""
         if shared.opts.no_dpmpp_sde_batch_determinism:

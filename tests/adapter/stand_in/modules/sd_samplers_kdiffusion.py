@@ -18,7 +18,6 @@ import k_diffusion.sampling
 import torch
 
 from modules import devices, sd_samplers_cfg_denoiser, sd_samplers_common, sd_schedulers, shared
-from modules.shared import opts
 
 samplers_k_diffusion = [
     ('DPM++ 2M', 'sample_dpmpp_2m', ['k_dpmpp_2m'], {'scheduler': 'karras'}),
@@ -73,11 +72,7 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         self.model_wrap = self.model_wrap_cfg.inner_model
 
     def get_sigmas(self, p, steps):
-        discard_next_to_last_sigma = self.config is not None and self.config.options.get(
-            'discard_next_to_last_sigma', False)
-        if opts.always_discard_next_to_last_sigma and not discard_next_to_last_sigma:
-            discard_next_to_last_sigma = True
-            p.extra_generation_params["Discard penultimate sigma"] = True
+        discard_next_to_last_sigma = self.discard_next_to_last_sigma(p)
         steps += 1 if discard_next_to_last_sigma else 0
 
         scheduler_name = (p.hr_scheduler if p.is_hr_pass else p.scheduler) or 'Automatic'
@@ -107,12 +102,6 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
             extra_params_kwargs['solver_type'] = 'heun'
         return extra_params_kwargs
 
-    def _extra_args(self, p, conditioning, unconditional_conditioning, image_conditioning):
-        self.sampler_extra_args = {'cond': conditioning, 'image_cond': image_conditioning,
-                                   'uncond': unconditional_conditioning, 'cond_scale': p.cfg_scale,
-                                   's_min_uncond': self.s_min_uncond}
-        return self.sampler_extra_args
-
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
                        image_conditioning=None):
         steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
@@ -127,12 +116,8 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
 
         self.model_wrap_cfg.init_latent = x
         self.last_latent = x
-        extra_args = self._extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
-        samples = self.launch_sampling(t_enc + 1, lambda: self.func(
-            self.model_wrap_cfg, xi, extra_args=extra_args, disable=False, callback=self.callback_state,
-            **extra_params_kwargs))
-        self.add_infotext(p)
-        return samples
+        return self.run_sampler(p, xi, t_enc + 1, conditioning, unconditional_conditioning, image_conditioning,
+                                extra_params_kwargs)
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
@@ -145,9 +130,5 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         self._options_kwargs(x, sigmas, p, extra_params_kwargs)
 
         self.last_latent = x
-        extra_args = self._extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
-        samples = self.launch_sampling(steps, lambda: self.func(
-            self.model_wrap_cfg, x, extra_args=extra_args, disable=False, callback=self.callback_state,
-            **extra_params_kwargs))
-        self.add_infotext(p)
-        return samples
+        return self.run_sampler(p, x, steps, conditioning, unconditional_conditioning, image_conditioning,
+                                extra_params_kwargs)

@@ -31,22 +31,26 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
 
     def forward(self, x, emb, context=None):
         for layer in self:
-            if isinstance(layer, TimestepBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            else:
-                x = layer(x)
+            extra = (emb,) if isinstance(layer, TimestepBlock) else \
+                (context,) if isinstance(layer, SpatialTransformer) else ()
+            x = layer(x, *extra)
         return x
 
 
-class Upsample(nn.Module):
-    def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
+class _Resample(nn.Module):
+    """The attributes ldm's ``Upsample`` and ``Downsample`` share."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         self.dims = dims
+
+
+class Upsample(_Resample):
+    def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
 
@@ -56,13 +60,9 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=2, padding=padding)
         else:
@@ -208,14 +208,12 @@ class UNetModel(nn.Module):
         assert (y is not None) == (self.num_classes is not None), \
             "must specify y if and only if the model is class-conditional"
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False))
-        hs = []
+        skips = []
         h = x.type(self.dtype)
         for module in self.input_blocks:
             h = module(h, emb, context)
-            hs.append(h)
+            skips.append(h)  # the block's output as it is, also when a forward hook replaced it
         h = self.middle_block(h, emb, context)
-        for module in self.output_blocks:
-            h = th.cat([h, hs.pop()], dim=1)
-            h = module(h, emb, context)
-        h = h.type(x.dtype)
-        return self.out(h)
+        for module, skip in zip(self.output_blocks, reversed(skips)):
+            h = module(th.cat([h, skip], dim=1), emb, context)
+        return self.out(h.type(x.dtype))
