@@ -1,8 +1,9 @@
 """Adapter tests: the webui adapter (``cd_webui``, ``scripts/``) against a stand-in ``modules`` package.
 
 ``stand_in/`` goes first on ``sys.path`` so that ``import modules`` finds the stand-in (webui-integration §8), never
-a real webui. Models are ``lib_colorize``'s ldm-named modules loaded from a tiny random checkpoint in the released
-key layout; OpenCLIP is a tiny registered architecture with the token geometry of ViT-H/14.
+a real webui, and ``import ldm`` / ``import k_diffusion`` find the stand-in's ldm U-Net and PyPI's k-diffusion. The
+model is loaded from a tiny random checkpoint in the released key layout; OpenCLIP is a tiny registered architecture
+with the token geometry of ViT-H/14.
 """
 from __future__ import annotations
 
@@ -29,6 +30,22 @@ from PIL import Image, ImageDraw  # noqa: E402
 torch.set_num_threads(1)
 
 CONTEXT_DIM = 32  # = the tiny OpenCLIP's embed_dim (reference tokens are the U-Net context)
+
+#: The root of a real webui v1.10.1 tree (82a973c0, with its ``repositories/``); the tests that read the real
+#: webui's source run when it is set and skip otherwise (README, Tests).
+WEBUI_DIR_VARIABLE = "CD_WEBUI_DIR"
+
+
+def real_webui_path(relative: str) -> Path:
+    """``relative`` inside the real webui tree named by ``CD_WEBUI_DIR``; skips the test when the variable is not
+    set, fails it when the variable names a tree without that file."""
+    root = os.environ.get(WEBUI_DIR_VARIABLE, "").strip()
+    if not root:
+        pytest.skip(f"{WEBUI_DIR_VARIABLE} is not set (the root of a webui v1.10.1 tree, see README: Tests)")
+    path = Path(root).expanduser() / relative
+    if not path.exists():
+        pytest.fail(f"{WEBUI_DIR_VARIABLE}={root} has no {relative}: not a webui v1.10.1 tree")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -11,11 +11,11 @@ import json
 import math
 import random
 import re
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import real_webui_path
 from lib_colorize.errors import InvalidInput
 from lib_colorize.infotext import (FIELD_BY_INFOTEXT, INFOTEXT_KEYS, KEY_LAYER_SCALES, KEY_LEVEL_SCALES,
                                    KEY_MANIPULATIONS, KEY_REFERENCE_HASH, KEY_SKETCH_HASH, format_number,
@@ -24,7 +24,6 @@ from lib_colorize.infotext import (FIELD_BY_INFOTEXT, INFOTEXT_KEYS, KEY_LAYER_S
 from lib_colorize.options import (FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, ColorizeOptions, LevelScales,
                                   Manipulation)
 
-WEBUI_INFOTEXT = Path("/work/webui/modules/infotext_utils.py")
 KEY_RE = re.compile(r"\w[\w \-/]+\Z")
 
 
@@ -175,9 +174,8 @@ def test_stand_in_webui_parser_reads_the_same_values():
     assert infotext_to_values(theirs) == infotext_to_values(ours)
 
 
-@pytest.mark.skipif(not WEBUI_INFOTEXT.exists(), reason="real webui source not on this machine")
 def test_real_webui_regex_reads_our_parameters_line():
-    source = WEBUI_INFOTEXT.read_text(encoding="utf-8")
+    source = real_webui_path("modules/infotext_utils.py").read_text(encoding="utf-8")
     match = re.search(r"^re_param_code = r'(.*)'$", source, re.M)
     assert match, "re_param_code not found in the webui source"
     webui_re = re.compile(match.group(1))

@@ -21,6 +21,7 @@ import cd_webui
 from cd_webui import ui as cd_ui
 from cd_webui.args import (ACCURATE_SLOT, LAYER_SLOTS, LEVEL_SLOTS, MANIPULATIONS_SLOT, SLOT_INDEX, UI_ORDER,
                            USE_INIT_IMAGE_SLOT, level_override_attr, override_attr, parse_script_args, ui_defaults)
+from conftest import real_webui_path
 from lib_colorize.errors import ColorizeError, InvalidInput
 from lib_colorize.infotext import format_parameters_text, options_to_infotext
 from lib_colorize.manipulation import format_manipulation_sequence
@@ -492,10 +493,6 @@ def test_use_sketch_size_arithmetic():
 
 
 # ------------------------------------------------------------------------------- the real webui helpers
-WEBUI_UI_COMPONENTS = Path("/work/webui/modules/ui_components.py")
-
-
-@pytest.mark.skipif(not WEBUI_UI_COMPONENTS.exists(), reason="real webui source not on this machine")
 @pytest.mark.parametrize("is_img2img", [False, True])
 def test_ui_builds_with_the_real_input_accordion(monkeypatch, is_img2img):
     """The real modules/ui_components.py only needs gradio: load it under another name and build with it."""
@@ -503,7 +500,8 @@ def test_ui_builds_with_the_real_input_accordion(monkeypatch, is_img2img):
 
     # the module patches gr.Dropdown on import, as in the webui; undo that after the test
     monkeypatch.setattr(gr.Dropdown, "get_expected_parent", gr.Dropdown.get_expected_parent)
-    spec = importlib.util.spec_from_file_location("webui_real_ui_components", WEBUI_UI_COMPONENTS)
+    spec = importlib.util.spec_from_file_location("webui_real_ui_components",
+                                                  real_webui_path("modules/ui_components.py"))
     real = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(real)
     monkeypatch.setattr(cd_ui, "InputAccordion", real.InputAccordion)

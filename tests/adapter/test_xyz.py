@@ -6,16 +6,15 @@ import sys
 import types
 from collections import namedtuple
 from copy import copy
-from pathlib import Path
 
 import pytest
 
 from cd_webui import xyz
 from cd_webui.args import parse_script_args
+from conftest import real_webui_path
 from lib_colorize.errors import InvalidInput
 from lib_colorize.options import FIELD_BY_NAME, ColorizeOptions, LevelScales
 
-WEBUI_XYZ = Path("/work/webui/scripts/xyz_grid.py")
 ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
 
 
@@ -125,9 +124,8 @@ def test_confirm_rejects_values_out_of_range(label, values, field):
     assert error.value.field == field
 
 
-@pytest.mark.skipif(not WEBUI_XYZ.exists(), reason="real webui source not on this machine")
 def test_real_axis_option_signature():
-    tree = ast.parse(WEBUI_XYZ.read_text(encoding="utf-8"))
+    tree = ast.parse(real_webui_path("scripts/xyz_grid.py").read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "AxisOption")
     init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     names = [a.arg for a in init.args.args]

@@ -10,7 +10,7 @@ propagate (``postprocess`` is then not called), as in the webui.
 import torch
 import torch.nn.functional as F
 
-from modules import scripts, sd_samplers, shared
+from modules import rng, scripts, sd_samplers, shared
 
 opt_f = 8
 
@@ -22,18 +22,6 @@ class Processed:
         self.extra_generation_params = p.extra_generation_params
         self.seed = p.seed
         self.samples = getattr(p, "all_samples", [])
-
-
-class ImageRNG:
-    """One generator per image seed (the webui's ``rng.ImageRNG`` without subseeds)."""
-
-    def __init__(self, shape, seeds):
-        self.shape = tuple(shape)
-        self.seeds = list(seeds)
-
-    def next(self):
-        return torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s)))
-                            for s in self.seeds])
 
 
 class StableDiffusionProcessing:
@@ -65,6 +53,11 @@ class StableDiffusionProcessing:
         self.eta = None
         self.all_samples = []
         self.image_cfg_scale = None
+        self.scheduler = None
+        self.hr_scheduler = None
+        self.s_min_uncond = 0.0
+        self.iteration = 0
+        self.rng = None
         for key, value in kwargs.items():
             setattr(self, key, value)
 
@@ -95,7 +88,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
-        self.rng = ImageRNG((4, self.height // opt_f, self.width // opt_f), seeds)
+        self.rng = rng.ImageRNG((4, self.height // opt_f, self.width // opt_f), seeds)
         x = self.rng.next()
         if self.scripts is not None:
             self.scripts.process_before_every_sampling(p=self, x=x, noise=x, c=conditioning,
@@ -113,7 +106,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         self.sampler = sd_samplers.create_sampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
         samples = F.interpolate(samples, size=(self.hr_upscale_to_y // opt_f, self.hr_upscale_to_x // opt_f),
                                 mode="nearest")
-        self.rng = ImageRNG(samples.shape[1:], seeds)
+        self.rng = rng.ImageRNG(samples.shape[1:], seeds)
         noise = self.rng.next()
         if self.scripts is not None:
             self.scripts.before_hr(self)
@@ -149,7 +142,7 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             self.nmask = mask.expand_as(self.init_latent[:1]).clone()       # 1 = repaint
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
-        self.rng = ImageRNG(self.init_latent.shape[1:], seeds)
+        self.rng = rng.ImageRNG(self.init_latent.shape[1:], seeds)
         x = self.rng.next()
         if self.scripts is not None:
             self.scripts.process_before_every_sampling(p=self, x=self.init_latent, noise=x, c=conditioning,

@@ -1,12 +1,21 @@
-"""Stand-in ``modules.sd_samplers.create_sampler``: a new sampler (and a new ``CFGDenoiser``) per call."""
+"""Stand-in ``modules.sd_samplers``: the sampler registry and ``create_sampler`` (a new sampler, with a new
+``CFGDenoiser``, per call; ``sampler.config`` is its ``SamplerData``)."""
 from modules import sd_samplers_kdiffusion, sd_samplers_timesteps
 
-TIMESTEP_SAMPLERS = {"DDIM": "ddim", "DDIM CFG++": "ddim_cfgpp"}
+all_samplers = [
+    *sd_samplers_kdiffusion.samplers_data_k_diffusion,
+    *sd_samplers_timesteps.samplers_data_timesteps,
+]
+all_samplers_map = {x.name: x for x in all_samplers}
+
+
+def find_sampler_config(name):
+    return all_samplers_map.get(name, None) if name is not None else all_samplers[0]
 
 
 def create_sampler(name, model):
-    if name in TIMESTEP_SAMPLERS:
-        return sd_samplers_timesteps.CompVisSampler(TIMESTEP_SAMPLERS[name], model)
-    if name in sd_samplers_kdiffusion.SAMPLERS:
-        return sd_samplers_kdiffusion.KDiffusionSampler(name, model)
-    raise ValueError(f"stand-in: unknown sampler {name!r}")
+    config = find_sampler_config(name)
+    assert config is not None, f'bad sampler name: {name}'
+    sampler = config.constructor(model)
+    sampler.config = config
+    return sampler

@@ -1,14 +1,31 @@
-"""Stand-in timestep samplers (DDIM): ``sigma`` passed to the denoiser *is* the timestep, the output is eps, and
-masks are blended before denoising (webui-integration §2.1)."""
+"""Stand-in ``modules.sd_samplers_timesteps``: the timestep samplers (DDIM, DDIM CFG++) as the webui runs them.
+
+``sigma`` passed to the denoiser *is* the timestep and the output is eps; masks are blended before denoising
+(webui-integration §2.1). ``CompVisSampler.get_timesteps`` is the webui's ``clip(range(0, 1000, 1000 // steps) + 1,
+0, 999)`` (one more step with ``discard_next_to_last_sigma``); img2img noises ``x`` to ``timesteps[t_enc]`` and
+samples ``timesteps[:t_enc]``.
+"""
+import inspect
+
 import torch
 
-from lib_colorize.schedule import ddim_timesteps
-from modules import sd_samplers_cfg_denoiser, sd_samplers_common, shared
+from modules import devices, sd_samplers_cfg_denoiser, sd_samplers_common, sd_samplers_timesteps_impl, shared
+
+samplers_timesteps = [
+    ('DDIM', sd_samplers_timesteps_impl.ddim, ['ddim'], {}),
+    ('DDIM CFG++', sd_samplers_timesteps_impl.ddim_cfgpp, ['ddim_cfgpp'], {}),
+]
+
+samplers_data_timesteps = [
+    sd_samplers_common.SamplerData(label, lambda model, funcname=funcname: CompVisSampler(funcname, model),
+                                   aliases, options)
+    for label, funcname, aliases, options in samplers_timesteps
+]
 
 
 class CompVisTimestepsDenoiser(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.inner_model = model
 
     def forward(self, input, timesteps, **kwargs):
@@ -16,14 +33,17 @@ class CompVisTimestepsDenoiser(torch.nn.Module):
 
 
 class CompVisTimestepsVDenoiser(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.inner_model = model
 
+    def predict_eps_from_z_and_v(self, x_t, t, v):
+        a = self.inner_model.alphas_cumprod[t.to(torch.int), None, None, None]
+        return torch.sqrt(a) * v + torch.sqrt(1 - a) * x_t
+
     def forward(self, input, timesteps, **kwargs):
-        v = self.inner_model.apply_model(input, timesteps, **kwargs)
-        a = self.inner_model.alphas_cumprod[timesteps.to(torch.int)].view(-1, 1, 1, 1)
-        return a.sqrt() * v + (1 - a).sqrt() * input
+        return self.predict_eps_from_z_and_v(input, timesteps, self.inner_model.apply_model(input, timesteps,
+                                                                                            **kwargs))
 
 
 class CFGDenoiserTimesteps(sd_samplers_cfg_denoiser.CFGDenoiser):
@@ -39,54 +59,51 @@ class CFGDenoiserTimesteps(sd_samplers_cfg_denoiser.CFGDenoiser):
     @property
     def inner_model(self):
         if self.model_wrap is None:
-            cls = CompVisTimestepsVDenoiser if shared.sd_model.parameterization == "v" else CompVisTimestepsDenoiser
-            self.model_wrap = cls(shared.sd_model)
+            denoiser = (CompVisTimestepsVDenoiser if shared.sd_model.parameterization == "v"
+                        else CompVisTimestepsDenoiser)
+            self.model_wrap = denoiser(shared.sd_model)
         return self.model_wrap
 
 
 class CompVisSampler(sd_samplers_common.Sampler):
-    """Deterministic DDIM (eta 0) on uniform timesteps, in DDPM space."""
-
     def __init__(self, funcname, sd_model):
         super().__init__(funcname)
+        self.eta_option_field = 'eta_ddim'
+        self.eta_infotext_field = 'Eta DDIM'
+        self.eta_default = 0.0
         self.model_wrap_cfg = CFGDenoiserTimesteps(self)
-        if funcname == "ddim_cfgpp":
-            self.model_wrap_cfg.cond_scale_miltiplier = 1 / 12.5
-            self.model_wrap_cfg.need_last_noise_uncond = True
+        self.model_wrap = self.model_wrap_cfg.inner_model
 
-    def _loop(self, p, x, timesteps, conditioning, unconditional_conditioning, image_conditioning):
-        self.initialize(p)
-        alphas = shared.sd_model.alphas_cumprod.float()
-        extra = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
-                 "s_min_uncond": 0.0, "image_cond": image_conditioning}
-        s_in = x.new_ones(x.shape[0])
-
-        def run():
-            nonlocal x
-            ts = list(timesteps)
-            for i, t in enumerate(ts):
-                t_prev = ts[i + 1] if i + 1 < len(ts) else None
-                e_t = self.model_wrap_cfg(x, float(t) * s_in, **extra)
-                a_t = alphas[int(t)]
-                a_prev = alphas[int(t_prev)] if t_prev is not None else torch.tensor(1.0)
-                pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
-                x = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * e_t
-                self.callback_state(i)
-            return x
-
-        return self.launch_sampling(len(timesteps), run)
-
-    def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
-        steps = steps or p.steps
-        timesteps = ddim_timesteps(steps).flip(0).tolist()
-        return self._loop(p, x, timesteps, conditioning, unconditional_conditioning, image_conditioning)
+    def get_timesteps(self, p, steps):
+        steps += 1 if self.discard_next_to_last_sigma(p) else 0
+        return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps)), device=devices.device) + 1, 0, 999)
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
                        image_conditioning=None):
-        steps = steps or p.steps
-        t_enc = int(min(p.denoising_strength, 0.999) * steps)
-        timesteps = ddim_timesteps(steps).flip(0).tolist()[steps - t_enc - 1:]
-        a = shared.sd_model.alphas_cumprod.float()[int(timesteps[0])]
+        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
+        timesteps = self.get_timesteps(p, steps)
+        timesteps_sched = timesteps[:t_enc]
+        alphas_cumprod = shared.sd_model.alphas_cumprod
+        xi = (x * torch.sqrt(alphas_cumprod[timesteps[t_enc]])
+              + noise * torch.sqrt(1 - alphas_cumprod[timesteps[t_enc]]))
+
+        extra_params_kwargs = self.initialize(p)
+        if 'timesteps' in inspect.signature(self.func).parameters:
+            extra_params_kwargs['timesteps'] = timesteps_sched
+
         self.model_wrap_cfg.init_latent = x
-        xi = a.sqrt() * x + (1 - a).sqrt() * noise
-        return self._loop(p, xi, timesteps, conditioning, unconditional_conditioning, image_conditioning)
+        self.last_latent = x
+        return self.run_sampler(p, xi, t_enc + 1, conditioning, unconditional_conditioning, image_conditioning,
+                                extra_params_kwargs)
+
+    def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        steps = steps or p.steps
+        timesteps = self.get_timesteps(p, steps)
+
+        extra_params_kwargs = self.initialize(p)
+        if 'timesteps' in inspect.signature(self.func).parameters:
+            extra_params_kwargs['timesteps'] = timesteps
+
+        self.last_latent = x
+        return self.run_sampler(p, x, steps, conditioning, unconditional_conditioning, image_conditioning,
+                                extra_params_kwargs)

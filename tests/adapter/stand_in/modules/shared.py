@@ -30,6 +30,15 @@ DEFAULTS = {
     "pad_cond_uncond": False,
     "pad_cond_uncond_v0": False,
     "sd_checkpoint_cache": 0,
+    # samplers (modules/shared_options.py defaults)
+    "cross_attention_optimization": "Automatic",
+    "randn_source": "GPU",
+    "eta_ancestral": 1.0,
+    "eta_ddim": 0.0,
+    "eta_noise_seed_delta": 0,
+    "always_discard_next_to_last_sigma": False,
+    "no_dpmpp_sde_batch_determinism": False,
+    "img2img_fix_steps": False,
 }
 
 
