@@ -32,6 +32,7 @@ from lib_colorize import conditioning
 from lib_colorize.errors import ColorizeError, InvalidInput
 from lib_colorize.guidance import cross_attention_scales
 from lib_colorize import processors as unet_processors
+from lib_colorize.module_info import module_dtype
 from lib_colorize.options import NUM_ATTENTION_LAYERS, ColorizeOptions
 
 from . import model, sampling
@@ -173,7 +174,7 @@ def _unet_of(p):
 
 
 def _unet_dtype(unet) -> torch.dtype:
-    return next(unet.parameters()).dtype
+    return module_dtype(unet)
 
 
 def _prepare(p, state: GenerationState) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from lib_colorize.errors import CheckpointError, MissingWeights, NotColorizeModel
+from lib_colorize.module_info import module_device
 from lib_colorize.schedule import ldm_schedule_buffers
 
 logger = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ class on_device:
 
     def __enter__(self):
         device = compute_device()
-        if next(self.module.parameters()).device != device:
+        if module_device(self.module) != device:
             if self.offload:
                 make_room_on_gpu()
             self.module.to(device)

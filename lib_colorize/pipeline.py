@@ -21,6 +21,7 @@ from .errors import InvalidInput
 from .guidance import cross_attention_scales
 from . import processors as unet_processors
 from .models import LATENT_SCALE
+from .module_info import module_dtype
 from .options import NUM_ATTENTION_LAYERS, ColorizeOptions
 from .preprocess import (check_resolution, crop_to_box, default_size_for, prepare_reference, prepare_sketch,
                          reference_for_injection, tensor_to_images)
@@ -269,7 +270,7 @@ class Colorizer:
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        return module_dtype(self.vae)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list:

@@ -34,11 +34,6 @@ Extractor = Callable[[Image.Image, int], torch.Tensor]
 Box = tuple[int, int, int, int]
 
 
-def _rgb(image: Image.Image, field: str) -> Image.Image:
-    """RGB, with transparency composited over white paper (as :func:`lib_colorize.images.decode_image`)."""
-    return image if image.mode == "RGB" else decode_image(image, field)
-
-
 def _resize(size: Sequence[int]) -> T.Resize:
     """torchvision ``Resize((h, w))``, bicubic with antialias (the original's ``resize`` partial)."""
     return T.Resize(tuple(int(s) for s in size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
@@ -49,7 +44,7 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image -> ``(1, 3, H, W)`` float32 in [-1, 1]: ``ToTensor`` then ``Normalize(0.5, 0.5)`` (§8.1).
 
     Non-RGB images are converted first (transparency over white)."""
-    x = TF.to_tensor(_rgb(image, "image"))
+    x = TF.to_tensor(decode_image(image, "image"))
     return TF.normalize(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).unsqueeze(0)
 
 
@@ -138,7 +133,7 @@ def prepare_sketch(sketch: Optional[Image.Image], mode: str, size: tuple[int, in
         raise InvalidInput("sketch_mode", f"{mode!r} is not one of {', '.join(SKETCH_MODES)}")
     if sketch is None:
         return -torch.ones((1, 3, height, width), dtype=torch.float32), (0, 0, width, height)
-    sketch = _rgb(sketch, "sketch")
+    sketch = decode_image(sketch, "sketch")
     w0, h0 = sketch.size
     r = min(height / h0, width / w0)
     if mode == "none":
@@ -170,7 +165,7 @@ def pad_reference_with_margin(image: Image.Image, margin: float) -> Image.Image:
     w0, h0 = image.size
     new_width = int(w0 * margin)
     canvas = Image.new("RGB", (new_width, h0), (255, 255, 255))
-    canvas.paste(_rgb(image, "reference"), ((new_width - w0) // 2, 0))
+    canvas.paste(decode_image(image, "reference"), ((new_width - w0) // 2, 0))
     return canvas
 
 
@@ -186,7 +181,7 @@ def reference_for_injection(image: Image.Image, size: tuple[int, int]) -> torch.
     """Attention-injection reference (method §6.1): the *unpadded* reference resized to exactly ``size`` =
     ``(H, W)`` (torchvision ``Resize`` on the PIL image, bicubic, antialias; aspect not kept), as
     ``(1, 3, H, W)`` in [-1, 1]."""
-    return image_to_tensor(_resize(size)(_rgb(image, "reference")))
+    return image_to_tensor(_resize(size)(decode_image(image, "reference")))
 
 
 # ----------------------------------------------------------------------------------------- output (§8.5)

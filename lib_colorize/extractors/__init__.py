@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from lib_colorize.errors import InvalidInput
+from lib_colorize.images import decode_image
 
 from . import anime2sketch, erika, sketch_keras, standard
 from .weights import DEFAULT_MODELS_DIR, ensure_weights, find_weights, load_into
@@ -127,12 +128,9 @@ def unload_extractors(*, to_cpu_only: bool = False) -> None:
 
 
 def prepare_image(image: Image.Image, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 RGB: transparency composited over white, then PIL bicubic resize to the square."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
+    """(size, size, 3) uint8 RGB: :func:`lib_colorize.images.decode_image` (transparency over white paper), then
+    PIL bicubic resize to the square."""
+    image = decode_image(image, "sketch")
     if image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
     return np.asarray(image, dtype=np.uint8)

@@ -161,8 +161,8 @@ def test_cli_as_a_subprocess_like_a_user(models, tmp_path):
 
 @pytest.mark.parametrize("extractor", ["lineart_standard", "lineart_keras"])
 def test_coloured_image_with_extract_goes_through_the_cli(models, tmp_path, extractor):
-    """Issue 5: a coloured image as the sketch, cleaned up by a line extractor, end to end. The learned
-    extractor gets random weights in its public key layout, placed where users put the real file."""
+    """A coloured image as the sketch (the "extract" preprocessor), cleaned up by a line extractor, end to end.
+    The learned extractor gets random weights in its public key layout, placed where users put the real file."""
     import torch
 
     from lib_colorize.extractors import EXTRACTORS, unload_extractors
