@@ -259,7 +259,7 @@ def _extractor(options: ColorizeOptions):
 
     def extract(image, size):
         return extract_lines(options.line_extractor, image, size, models_dir=model.models_dir(),
-                             device=model.compute_device(), allow_download=model.downloads_allowed())
+                             device=model.compute_device(), progress=model.download_progress)
 
     return extract
 

@@ -215,7 +215,7 @@ def resolve_device_dtype(device: Optional[str], dtype: Optional[str]):
 
 def run(args: argparse.Namespace, out=None, err=None) -> int:
     from .images import load_image_file
-    from .weights import resolve_checkpoint
+    from .weights import models_root, resolve_checkpoint
 
     out, err = out or sys.stdout, err or sys.stderr
 
@@ -237,7 +237,8 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
     sampling = sampling_from_args(args, base_sampling)
     sampling.check()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    checkpoint_path = resolve_checkpoint(args.checkpoint, args.models_dir, allow_download=not args.offline)
+    checkpoint_path = resolve_checkpoint(args.checkpoint, models_root(args.models_dir),
+                                         allow_download=not args.offline)
 
     from .pipeline import Colorizer
 
