@@ -84,16 +84,24 @@ def round_to_multiple_of_64(width: float, height: float) -> tuple[int, int]:
     return one(width), one(height)
 
 
-def default_size_for(sketch_size: tuple[int, int], native: int = 512, max_side: int = 2048) -> tuple[int, int]:
+def default_size_for(sketch_size: tuple[int, int], native: int = 512, max_side: int = 2048,
+                     width: Optional[int] = None, height: Optional[int] = None) -> tuple[int, int]:
     """Output ``(W, H)`` for a sketch of PIL size ``(w0, h0)``: the sketch's aspect ratio at about
     ``native * native`` pixels, each side rounded to a multiple of 64 and kept within [64, ``max_side``].
 
-    ``W = native sqrt(w0 / h0)``, ``H = native sqrt(h0 / w0)`` before rounding (so ``W H = native²``).
+    ``W = native sqrt(w0 / h0)``, ``H = native sqrt(h0 / w0)`` before rounding (so ``W H = native²``). When one
+    side is given, the other keeps the aspect ratio: ``H = width h0 / w0`` (or ``W = height w0 / h0``), rounded.
     """
     w0, h0 = (int(v) for v in sketch_size)
     if w0 < 1 or h0 < 1:
         raise InvalidInput("sketch", f"image is empty ({w0}x{h0} px)")
     aspect = w0 / h0
+    if width and height:
+        return width, height
+    if width:
+        return width, min(round_to_multiple_of_64(width, width / aspect)[1], max(max_side, width))
+    if height:
+        return min(round_to_multiple_of_64(height * aspect, height)[0], max(max_side, height)), height
     width, height = round_to_multiple_of_64(native * math.sqrt(aspect), native * math.sqrt(1.0 / aspect))
     limit = max(RESOLUTION_MULTIPLE, max_side // RESOLUTION_MULTIPLE * RESOLUTION_MULTIPLE)
     return min(width, limit), min(height, limit)
