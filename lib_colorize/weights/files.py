@@ -1,6 +1,7 @@
 """What a downloadable weight file is: :class:`WeightFile`, one record per file the method can fetch."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,14 +38,16 @@ class WeightFile:
         return bool(self.hf_repo and self.hf_filename)
 
     def url(self, endpoint: Optional[str] = None) -> Optional[str]:
-        """Direct download address on the hub (or on ``endpoint``, a mirror such as ``HF_ENDPOINT``)."""
+        """Direct download address on ``endpoint``, else on ``HF_ENDPOINT`` (a mirror), else on the hub."""
         if not self.downloadable:
             return None
-        return f"{(endpoint or HF_ENDPOINT).rstrip('/')}/{self.hf_repo}/resolve/main/{self.hf_filename}"
+        base = endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
+        return f"{base.rstrip('/')}/{self.hf_repo}/resolve/main/{self.hf_filename}"
 
     @property
     def source_url(self) -> Optional[str]:
-        return self.url()
+        """The address on huggingface.co itself."""
+        return self.url(HF_ENDPOINT)
 
     @property
     def size_text(self) -> str:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Optional
 
 from ..errors import MissingWeights
-from .files import WeightFile
+from .files import HF_ENDPOINT, WeightFile
 from .progress import DownloadProgress, ProgressCallback, ProgressWatcher
 
 PathLike = "str | os.PathLike[str]"
@@ -50,6 +52,29 @@ def _in_hub_cache(spec: WeightFile) -> Optional[Path]:
     except Exception:  # no hub, or a cache it cannot read: the file is simply not there
         return None
     return Path(cached) if isinstance(cached, str) and os.path.isfile(cached) else None
+
+
+def _proxy_configured() -> bool:
+    return any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                                  "ALL_PROXY", "all_proxy"))
+
+
+def unreachable(endpoint: Optional[str] = None, timeout: float = 5.0) -> Optional[str]:
+    """Why the hub (``endpoint``, else ``HF_ENDPOINT``, else huggingface.co) cannot be reached, or None.
+
+    One TCP connection, tried before the hub's own client, which retries for about half a minute when there is
+    no network. Behind a proxy the answer is left to the client (None)."""
+    if _proxy_configured():
+        return None
+    url = urlsplit(endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT)
+    if not url.hostname:
+        return None
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"cannot reach {url.scheme}://{url.netloc} ({error.strerror or error})"
+    return None
 
 
 def find_weight_file(spec: WeightFile, folder: "Optional[PathLike]" = None) -> Optional[Path]:
@@ -125,6 +150,9 @@ def download_weight_file(spec: WeightFile, folder: "Optional[PathLike]" = None, 
         destination = str(folder.resolve() if folder.exists() else folder.absolute())
     event = DownloadProgress(name=spec.name, filename=spec.filename, destination=destination,
                              total=spec.size_bytes)
+    offline = unreachable(endpoint)
+    if offline:
+        raise missing_weights(spec, folder, f"download failed: {offline}", endpoint)
     try:
         import huggingface_hub
 
@@ -150,5 +178,5 @@ def download_weight_file(spec: WeightFile, folder: "Optional[PathLike]" = None, 
                 pass
 
 
-__all__ = ["downloads_disabled", "hub_cache_dir", "find_weight_file", "ensure_weight_file", "download_weight_file",
+__all__ = ["downloads_disabled", "unreachable", "hub_cache_dir", "find_weight_file", "ensure_weight_file", "download_weight_file",
            "missing_weights", "describe_location"]

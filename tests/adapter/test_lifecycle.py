@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, reference_image, sketch_image
+from lib_colorize.weights import store as weights_store
 from lib_colorize.errors import CheckpointError, InvalidInput, MissingWeights, NotColorizeModel
 from lib_colorize.processors import for_generation, live_count
 from lib_colorize.infotext import INFOTEXT_KEYS, KEY_ENABLED
@@ -278,6 +279,7 @@ def test_missing_openclip_weights_message(webui, sd_model, tmp_path, monkeypatch
         raise OSError("no route to host")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
     shared.cmd_opts.colorize_dir = str(tmp_path / "empty")
     p = webui.txt2img(enabled())
     with pytest.raises(MissingWeights, match="open_clip_pytorch_model.bin") as info:
@@ -327,6 +329,7 @@ def test_first_run_download_shows_progress_in_the_webui(webui, sd_model, tmp_pat
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
     monkeypatch.setattr(store, "PROGRESS_INTERVAL", 0.01)
     shared.cmd_opts.colorize_dir = str(tmp_path / "fresh")
     processed = webui.run(webui.txt2img(enabled()))

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lib_colorize.weights import store as weights_store
 from lib_colorize.errors import CheckpointError, InvalidInput, MissingWeights
 from lib_colorize.models import clip as clip_mod
 from lib_colorize.models.clip import (
@@ -393,6 +394,7 @@ def test_download_path(tmp_path, monkeypatch, weights_path):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
     models_dir = tmp_path / "clip"
     path = resolve_clip_weights(models_dir=str(models_dir))
     assert [(repo, name) for repo, name, _ in calls] == [(HF_REPO_VIT_H, HF_FILENAME)]
@@ -418,6 +420,7 @@ def test_download_failure_is_missing_weights(tmp_path, monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", boom)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
     with pytest.raises(MissingWeights) as e:
         resolve_clip_weights(models_dir=str(tmp_path))
     assert "no route to host" in str(e.value) and HF_FILENAME in str(e.value)

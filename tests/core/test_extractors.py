@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lib_colorize.weights import store as weights_store
 from lib_colorize import extractors as ex
 from lib_colorize.errors import CheckpointError, InvalidInput, MissingWeights
 from lib_colorize.extractors import anime2sketch, erika, sketch_keras
@@ -357,6 +358,7 @@ def test_download_into_models_dir(tmp_path, monkeypatch):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
     out = ex.extract_lines("lineart_keras", _line_image(32), 32, models_dir=tmp_path / "models")
     assert calls == [("tellurion/line_extractor", "model.pth")]
     assert out.shape == (1, 3, 32, 32)

@@ -4,6 +4,7 @@ tensors asked for. The hub is replaced by fakes that write files the way it does
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(store, "PROGRESS_INTERVAL", 0.01)
+    monkeypatch.setattr(store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
 
     def no_network(**kwargs):
         raise AssertionError("network access attempted")
@@ -124,6 +126,36 @@ def test_a_failed_download_says_what_to_put_where_and_leaves_nothing(tmp_path, h
     assert info.value.reason.startswith("download failed")
     assert events[-1].finished and not events[-1].ok
     assert not any(folder.iterdir())
+
+
+def test_no_network_fails_at_once_without_the_hubs_retries(tmp_path, monkeypatch):
+    """Before the hub's client (which retries for about half a minute) one connection is tried: refused, the
+    download fails at once with the reason, and the client is never called."""
+    import huggingface_hub
+
+    def client(**kwargs):
+        raise AssertionError("the hub's client was called")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", client)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(MissingWeights) as info:
+        ensure_weight_file(SPEC, tmp_path / "models", endpoint=f"http://127.0.0.1:{port}")
+    assert f"download failed: cannot reach http://127.0.0.1:{port}" in str(info.value)
+    assert info.value.reason.startswith("download failed")
+    assert not (tmp_path / "models").exists()
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    try:
+        assert store.unreachable(f"http://127.0.0.1:{listening.getsockname()[1]}") is None
+    finally:
+        listening.close()
 
 
 @pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
