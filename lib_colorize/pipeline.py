@@ -27,13 +27,12 @@ from .module_info import module_dtype
 from .options import NUM_ATTENTION_LAYERS, ColorizeOptions
 from .preprocess import (check_resolution, crop_to_box, default_size_for, prepare_reference, prepare_sketch,
                          reference_for_injection, tensor_to_images)
-from .samplers import SAMPLERS, STOCHASTIC_SAMPLERS, get_sampler, initial_noise, seeded_generators
+from .samplers import get_sampler, initial_noise, seeded_generators
 from .schedule import NoiseSchedule, make_denoiser
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2 ** 32 - 1
-STOCHASTIC_FUNCTIONS = frozenset(SAMPLERS[name].func for name in STOCHASTIC_SAMPLERS)
 NATIVE_SIZE = {"v1": 512, "v1.5": 512, "v2": 768}
 
 
@@ -222,6 +221,7 @@ class Colorizer:
         sampling.check()
         width, height = self.output_size(options, sampling)
         seed = sampling.resolved_seed()
+        seeds = [seed + i for i in range(sampling.batch_size)]   # the webui's per-image seeds
         sampler = get_sampler(sampling.sampler, sampling.schedule)
         latent_h, latent_w = height // 8, width // 8
 
@@ -240,7 +240,7 @@ class Colorizer:
         if injection_reference is not None:
             injection = conditioning.build_injection(
                 options, self.vae.encode, injection_reference.to(self.device, self.vae_dtype), injection_hints,
-                [seed + i for i in range(sampling.batch_size)], dtype=self.dtype)
+                seeds, dtype=self.dtype)
         plan = conditioning.build_plan(options, sketch_hints=sketch_hints, blank_hints=blank_hints,
                                        tokens=tokens, injection=injection)
         scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
@@ -259,13 +259,13 @@ class Colorizer:
             return self.denoise(plan, processors, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),
                                 lambda r, s, n: r.float() + s.float() * n.float())
 
-        sigmas = self.schedule.get_sigmas(sampling.steps, sampler.schedule).to(self.device)
+        sigmas = sampler.sigmas(self.schedule, sampling.steps).to(self.device)
         generators = seeded_generators(seed, sampling.batch_size)
         x = initial_noise((sampling.batch_size, 4, latent_h, latent_w), seed, float(sigmas[0]),
                           generators=generators, device=self.device)
-        kwargs = {"callback": callback, "interrupt": interrupt}
-        if sampler.func in STOCHASTIC_FUNCTIONS:
-            kwargs["generator"] = generators   # per-step noise continues each image's own seeded stream
+        # image i's noise: its generator continues its own seeded stream (ancestral samplers), or its own
+        # Brownian tree seeded seeds[i] (SDE samplers), so a batch image equals the single generation of its seed
+        kwargs = dict(sampler.noise_args(x, sigmas, generators, seeds), callback=callback, interrupt=interrupt)
         with processors:
             latents = sampler.func(model, x, sigmas, **kwargs)
         images = self.decode(latents)

@@ -68,8 +68,10 @@ def build_parser(root: ModelsRoot) -> argparse.ArgumentParser:
                            "[ts3] 0.95' (repeatable, applied in order)")
 
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default DPM++ 2M)")
-    sampling.add_argument("--schedule", default=None, help=f"one of {', '.join(SCHEDULES)}")
+    sampling.add_argument("--sampler", default=None, help=f"the webui's sampler name: one of {', '.join(SAMPLERS)} "
+                                                          "(default DPM++ 2M)")
+    sampling.add_argument("--schedule", default=None, help=f"the webui's schedule type: one of {', '.join(SCHEDULES)} "
+                                                           "(default Automatic: the sampler's own, as in the webui)")
     sampling.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
     sampling.add_argument("--seed", type=int, default=None, help="seed; -1 random (default)")
     sampling.add_argument("--width", type=int, default=None, help="multiple of 64; given alone, the height keeps "

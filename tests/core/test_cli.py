@@ -24,6 +24,13 @@ def base_args(models, sketch, out, *extra):
             "--sampler", "Euler", "--seed", "42", *extra]
 
 
+def infotext_args(models, sketch, out, result_png):
+    """Only the files, the machine and ``--from-infotext``: everything else comes from the result's parameters."""
+    return ["--checkpoint", models["checkpoint"], "--reference", models["reference"], "--sketch", str(sketch),
+            "--out", str(out), "--clip-arch", TINY_CLIP_NAME, "--clip-weights", models["clip_weights"],
+            "--models-dir", str(models["root"]), "--offline", "--device", "cpu", "--from-infotext", str(result_png)]
+
+
 def test_single_file_size_metadata_and_determinism(models, tmp_path, capsys):
     sketch = draw_sketch(tmp_path / "page.png")
     first, second = tmp_path / "a.png", tmp_path / "b.png"
@@ -60,13 +67,33 @@ def test_from_infotext_reproduces_the_result(models, tmp_path):
                           "[target] red hair; [anchor] none; [control] hair; [scale] 2.0; [enhanced] False; "
                           "[ts0] 0.5; [ts1] 0.55; [ts2] 0.65; [ts3] 0.95")) == 0
     again = tmp_path / "again.png"
-    args = ["--checkpoint", models["checkpoint"], "--reference", models["reference"], "--sketch", str(sketch),
-            "--out", str(again), "--clip-arch", TINY_CLIP_NAME, "--clip-weights", models["clip_weights"],
-            "--models-dir", str(models["root"]), "--offline", "--device", "cpu", "--from-infotext", str(first)]
-    assert main(args) == 0
+    assert main(infotext_args(models, sketch, again, first)) == 0
     with Image.open(first) as a, Image.open(again) as b:
         assert np.array_equal(np.asarray(a), np.asarray(b))
         assert "CD injection: True" in b.info["parameters"]
+
+
+def test_every_webui_sampler_and_schedule_is_listed_and_an_sde_result_reproduces(models, tmp_path, capsys):
+    """``--help`` lists the webui's samplers and schedule types; DPM++ 3M SDE (the original app's default, with
+    its Brownian-tree noise) runs from the command line and ``--from-infotext`` gives the same image again."""
+    from lib_colorize.samplers import SAMPLERS, SCHEDULES
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("DPM++ 3M SDE", "DPM++ SDE", "Heun", "LMS", "DPM2", "DPM2 a", *SAMPLERS, *SCHEDULES):
+        assert name in text, name
+    sketch = draw_sketch(tmp_path / "page.png", seed=4)
+    first = tmp_path / "first.png"
+    assert main(base_args(models, sketch, first, "--width", "64", "--height", "64", "--sampler", "DPM++ 3M SDE",
+                          "--schedule", "Karras")) == 0
+    again = tmp_path / "again.png"
+    assert main(infotext_args(models, sketch, again, first)) == 0
+    with Image.open(first) as a, Image.open(again) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert "Sampler: DPM++ 3M SDE" in b.info["parameters"] and "Schedule type: Karras" in b.info["parameters"]
+    assert main(base_args(models, sketch, tmp_path / "bad.png", "--height", "64", "--schedule", "Cosine")) == 2
+    assert "Align Your Steps" in capsys.readouterr().err
 
 
 def test_folder_run_reports_failures_resumes_and_never_overwrites(models, tmp_path, capsys):
