@@ -6,12 +6,12 @@ medians), so that the ratios, not the absolute times, carry the result:
 (a) ``dual_guidance_ratio``: U-Net work per guided step with both scales on (3 rows, through
     :func:`lib_colorize.denoiser.guided_call` on our processors) over plain two-row CFG on the same U-Net without
     processors. Floor 1.5 (3 rows over 2); target <= 1.55.
-(b) ``injection_ratio_b{1,4}``: injection on over injection off per guided step, both scales on, batch 1 and 4,
-    with the library's reference pass over the distinct rows only; ``injection_ratio_original_b{1,4}`` the same with
-    the original's algorithm (:mod:`bench.original`: the full-batch reference pass, method §6.2). Target: ours <= 0.85
-    of the original's ratio at both batch sizes. Each image of a batch has its own reference pass (its own ε, so
-    that it equals its single generation), so batch 4 saves per image what batch 1 saves; the original shares one ε
-    across the batch, which is what made a batch differ from its single images.
+(b) ``injection_ratio_b{1,4}``: injection on over injection off per guided step, both scales on, batch 1 and 4, with
+    the library's reference pass over each image's distinct rows only; ``injection_ratio_original_b{1,4}`` the same
+    with the original's algorithm (:mod:`bench.original`: the full-batch reference pass, method §6.2). Target: ours
+    <= 0.85 of the original's ratio at both batch sizes. Each image of a batch has its own reference pass (its own
+    ε, so that it equals its single generation), so batch 4 saves per image what batch 1 saves; the original shares
+    one ε across the batch, which is what made a batch differ from its single images.
 (c) ``hook_overhead_ratio``: the U-Net with our processors (sketch hints + non-unit layer scales) at batch 3 over the
     same U-Net without them at batch 3. Target <= 1.03.
 (d) ``sketch_encoder_calls`` (per generation, target exactly 1) and ``reference_encoder_calls_repeat`` (on a repeated
@@ -25,5 +25,6 @@ Modules, one concern each: :mod:`.sizes` (bench sizes, guidance setting), :mod:`
 released layout), :mod:`.clock`, :mod:`.steps` (a-c), :mod:`.flops` (their arithmetic), :mod:`.encoders` (d),
 :mod:`.memory` (peak tracking), :mod:`.memory_workers` (e), :mod:`.endurance`, :mod:`.gpu` (seconds per image),
 :mod:`.report` (tables and the JSON line), :mod:`.original` (the original's injection), :mod:`.__main__`.
+``bench/clip_memory.py`` is a separate bench of loading one OpenCLIP tower.
 The benchmark uses the library; the library never imports it.
 """

@@ -7,8 +7,8 @@ inputs and noise, so that a ratio of two configurations measures only what diffe
   scales): the processors' overhead;
 * ``cfg2``: plain two-row CFG, the baseline of dual guidance;
 * ``off_b{1,4}`` / ``ours_b{1,4}`` / ``original_b{1,4}``: dual guidance through the denoiser with injection off, on
-  (the library's :func:`~lib_colorize.denoiser.guided_call` and processors: the reference pass runs the distinct
-  rows only and stops after the last bank write; the reference-dropped rows' φ-blend comes from two merged
+  (the library's :func:`~lib_colorize.denoiser.guided_call` and processors: each image's reference pass runs its
+  distinct rows only and stops after the last bank write; the reference-dropped rows' φ-blend comes from two merged
   ``N``-key attentions) and on the original's way (:mod:`bench.original`: the full-batch reference pass through
   the whole U-Net, a separate plain self-attention next to the injected one over ``2N`` keys).
 
