@@ -9,7 +9,7 @@ file has no text encoder: forge-integration §4.2). So the extension owns the mo
   ``p.sd_model.forge_objects.unet``; Forge's memory manager loads it for sampling like its own, and we take the
   host's U-Net off the GPU first (:func:`offload_host_unet`), so the two never sit in VRAM together;
 * **our VAE** -- the file's ``first_stage_model.*`` in Forge's ``IntegratedAutoencoderKL`` and ``VAE`` wrapper; it
-  encodes img2img init images and the injection reference and decodes the results;
+  encodes img2img init images and the injection reference and decodes the results, one image at a time;
 * **the sketch encoder** (and the OpenCLIP towers of :mod:`cd_webui.model`) -- handed to Forge's memory manager
   whenever they run (:func:`forge_placement`).
 
@@ -439,7 +439,15 @@ def build_vae(path: str):
     with using_forge_operations(device=memory_management.cpu, dtype=memory_management.vae_dtype()):
         vae = IntegratedAutoencoderKL.from_config(config)
     _load_state(vae, tensors, path, "VAE (first_stage_model.*)")
-    return VAE(model=vae.eval().requires_grad_(False))
+    wrapper = VAE(model=vae.eval().requires_grad_(False))
+    wrapper.patcher.set_model_vae_decode_wrapper(decode_per_image)
+    return wrapper
+
+
+def decode_per_image(decode, samples: torch.Tensor) -> torch.Tensor:
+    """Forge's VAE decodes a batch in one call; one image at a time (as the webui does) keeps each image of a
+    batch equal to its single generation, bit for bit."""
+    return torch.cat([decode(samples[i:i + 1]) for i in range(samples.shape[0])])
 
 
 def build_sketch_encoder(path: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -5,15 +5,16 @@ Forge (re)loads it. The accordion, its args, X/Y/Z axes and the visualize route 
 (:mod:`cd_webui`), with the Forge-only checkpoint dropdown of :mod:`cd_forge.ui`. In the ldm_patched forks the
 accordion is there but an enabled generation is refused with :data:`cd_forge.host.LDM_PATCHED_MESSAGE`.
 """
-from modules import script_callbacks, scripts
+from modules import script_callbacks
 
 import cd_webui.model as shared_model
 from cd_webui import api, ui as shared_ui, xyz
+from cd_webui.script import TITLE, DelegatingScript
 
 from . import lifecycle, model, ui
 from .host import LDM_PATCHED, LDM_PATCHED_MESSAGE, family
 
-TITLE = "ColorizeDiffusion"
+__all__ = ["TITLE", "ColorizeDiffusionScript", "register"]
 
 
 def register() -> None:
@@ -31,27 +32,10 @@ def register() -> None:
     shared_model.placement = model.forge_placement
 
 
-class ColorizeDiffusionScript(scripts.Script):
-    def title(self):
-        return TITLE
+class ColorizeDiffusionScript(DelegatingScript):
+    """The Forge script: the shared accordion with the Forge notice and checkpoint dropdown; Forge's hooks."""
 
-    def show(self, is_img2img):
-        return scripts.AlwaysVisible
+    lifecycle = lifecycle
 
-    def ui(self, is_img2img):
+    def build_ui(self, is_img2img):
         return shared_ui.build_ui(self, is_img2img, notice=ui.NOTICE, host_controls=ui.host_controls)
-
-    def before_process(self, p, *args):
-        lifecycle.before_process(p, *args)
-
-    def process(self, p, *args):
-        lifecycle.process(p, *args)
-
-    def process_before_every_sampling(self, p, *args, **kwargs):
-        lifecycle.process_before_every_sampling(p, *args, **kwargs)
-
-    def postprocess_image(self, p, pp, *args):
-        lifecycle.postprocess_image(p, pp, *args)
-
-    def postprocess(self, p, processed, *args):
-        lifecycle.postprocess(p, processed, *args)

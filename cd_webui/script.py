@@ -22,27 +22,39 @@ def register() -> None:
     script_callbacks.on_script_unloaded(lifecycle.on_script_unloaded)
 
 
-class ColorizeDiffusionScript(scripts.Script):
+class DelegatingScript(scripts.Script):
+    """An AlwaysVisible ``ColorizeDiffusion`` script whose hooks delegate to the module ``lifecycle`` (this
+    package's, or another host adapter's) and whose ``ui`` is :meth:`build_ui`."""
+
+    lifecycle = lifecycle
+
     def title(self):
         return TITLE
 
     def show(self, is_img2img):
         return scripts.AlwaysVisible
 
-    def ui(self, is_img2img):
+    def build_ui(self, is_img2img):
         return ui.build_ui(self, is_img2img)
 
+    def ui(self, is_img2img):
+        return self.build_ui(is_img2img)
+
     def before_process(self, p, *args):
-        lifecycle.before_process(p, *args)
+        self.lifecycle.before_process(p, *args)
 
     def process(self, p, *args):
-        lifecycle.process(p, *args)
+        self.lifecycle.process(p, *args)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        lifecycle.process_before_every_sampling(p, *args, **kwargs)
+        self.lifecycle.process_before_every_sampling(p, *args, **kwargs)
 
     def postprocess_image(self, p, pp, *args):
-        lifecycle.postprocess_image(p, pp, *args)
+        self.lifecycle.postprocess_image(p, pp, *args)
 
     def postprocess(self, p, processed, *args):
-        lifecycle.postprocess(p, processed, *args)
+        self.lifecycle.postprocess(p, processed, *args)
+
+
+class ColorizeDiffusionScript(DelegatingScript):
+    """The AUTOMATIC1111 script."""

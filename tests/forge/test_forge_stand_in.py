@@ -12,7 +12,7 @@ import inspect
 import pytest
 import torch
 
-from conftest import CONTEXT_DIM, STAND_IN, requires_forge_tree
+from .forge_env import CONTEXT_DIM, STAND_IN, requires_forge_tree
 
 
 def _stand_in(relative: str):
@@ -43,7 +43,8 @@ API = {
                         "UnetPatcher.set_model_replace_all", "UnetPatcher.add_patched_controlnet"),
     "patcher/base.py": ("ModelPatcher.__init__", "ModelPatcher.set_model_unet_function_wrapper",
                         "ModelPatcher.set_model_sampler_cfg_function", "ModelPatcher.set_model_attn2_replace",
-                        "ModelPatcher.set_model_output_block_patch", "ModelPatcher.set_model_patch_replace"),
+                        "ModelPatcher.set_model_output_block_patch", "ModelPatcher.set_model_patch_replace",
+                        "ModelPatcher.set_model_vae_decode_wrapper"),
     "modules/k_model.py": ("KModel.__init__", "KModel.apply_model", "KModel.memory_required"),
     "modules/k_prediction.py": ("Prediction.__init__", "Prediction.timestep", "Prediction.sigma",
                                 "Prediction.calculate_input", "Prediction.calculate_denoised"),
@@ -51,7 +52,7 @@ API = {
                    "BasicTransformerBlock.forward", "SpatialTransformer.forward"),
     "nn/vae.py": ("IntegratedAutoencoderKL.encode", "IntegratedAutoencoderKL.decode",
                   "IntegratedAutoencoderKL.process_in", "IntegratedAutoencoderKL.process_out"),
-    "patcher/vae.py": ("VAE.__init__",),
+    "patcher/vae.py": ("VAE.__init__", "VAE.decode", "VAE.decode_inner"),
     "sampling/condition.py": ("ConditionCrossAttn.can_concat", "ConditionCrossAttn.concat", "Condition.process_cond",
                               "compile_conditions", "compile_weighted_conditions"),
     "sampling/sampling_function.py": ("sampling_function", "sampling_function_inner", "calc_cond_uncond_batch"),

@@ -51,6 +51,9 @@ class ModelPatcher:
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
         self.model_options["model_function_wrapper"] = unet_wrapper_function
 
+    def set_model_vae_decode_wrapper(self, wrapper_function):
+        self.model_options["model_vae_decode_wrapper"] = wrapper_function
+
     def set_model_patch(self, patch, name):
         to = self.model_options["transformer_options"]
         to.setdefault("patches", {}).setdefault(name, []).append(patch)
