@@ -128,15 +128,14 @@ def webui_choice() -> Optional[str]:
 def resolve_checkpoint(choice: Any) -> str:
     """The file of the accordion's / API's ``checkpoint`` choice.
 
-    A name (with or without extension, or Forge's title ``name.safetensors [hash]``) or path of a ColorizeDiffusion
-    file; ``Automatic`` (or empty): the file chosen in Forge's checkpoint list, else the only one there is.
+    The name of a ColorizeDiffusion file found (:func:`colorize_checkpoints`; with or without extension, or Forge's
+    title ``name.safetensors [hash]``; never a path, which would let API clients open any file); ``Automatic`` (or
+    empty): the file chosen in Forge's checkpoint list, else the only one there is.
     """
     available = colorize_checkpoints()
     listing = ", ".join(sorted(available)) or "none"
     text = "" if choice is None else str(choice).strip()
     if text and text != AUTOMATIC:
-        if os.path.isfile(text) and is_colorize_file(text):
-            return text
         stem = checkpoint_name(text.split(" [")[0])
         if stem in available:
             return available[stem]

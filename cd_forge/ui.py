@@ -40,8 +40,9 @@ def checkpoint_choices() -> list:
 
 
 def _paste_checkpoint(params: Mapping[str, Any]) -> Optional[str]:
+    """The pasted ``CD checkpoint`` when that file is here (else the dropdown keeps its value)."""
     value = params.get(INFOTEXT_CHECKPOINT)
-    return None if value is None else str(value)
+    return str(value) if value is not None and str(value) in checkpoint_choices() else None
 
 
 def host_controls(script, is_img2img: bool):

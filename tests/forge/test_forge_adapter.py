@@ -465,6 +465,10 @@ def test_checkpoint_choice(forge_webui, checkpoint_file, tmp_path, monkeypatch):
     assert forge_model.resolve_checkpoint("mult-eps-tiny.safetensors [0123abcd]") == checkpoint_file
     with pytest.raises(InvalidInput, match="no ColorizeDiffusion checkpoint named 'other'.*mult-eps-tiny"):
         forge_model.resolve_checkpoint("other")
+    # a path from an API client is never opened: only the name counts
+    assert forge_model.resolve_checkpoint("/elsewhere/mult-eps-tiny.safetensors") == checkpoint_file
+    with pytest.raises(InvalidInput, match="no ColorizeDiffusion checkpoint named"):
+        forge_model.resolve_checkpoint(str(tmp_path / "unlisted.safetensors"))
     second = tmp_path / "models" / "ColorizeDiffusion" / "mult-second.safetensors"
     second.write_bytes(open(checkpoint_file, "rb").read())
     with pytest.raises(InvalidInput, match="several.*mult-eps-tiny, mult-second"):
@@ -582,3 +586,4 @@ def test_accordion_has_the_checkpoint_dropdown_last_and_pastes_it(forge_webui):
     assert dropdown.elem_id == "script_txt2img_colorizediffusion_checkpoint"
     paste = dict((id(c), target) for c, target in script.infotext_fields)[id(dropdown)]
     assert paste({"CD checkpoint": "mult-eps-tiny"}) == "mult-eps-tiny" and paste({}) is None
+    assert paste({"CD checkpoint": "not-here"}) is None
