@@ -49,12 +49,13 @@ def host_controls(script, is_img2img: bool):
     """The checkpoint dropdown and its refresh button; returns ``(components, infotext_fields)``."""
     from cd_webui.ui import slot_elem_id
 
+    from modules.ui_components import ToolButton
+
     with gr.Row(elem_classes="cd-checkpoint"):
         dropdown = gr.Dropdown(checkpoint_choices(), value=AUTOMATIC, label="ColorizeDiffusion checkpoint",
                                elem_id=slot_elem_id(script, CHECKPOINT_KEY))
         dropdown.webui_tooltip = CHECKPOINT_INFO
-        refresh = gr.Button("\U0001f504", size="sm", elem_id=script.elem_id("refresh_checkpoints"),
-                            elem_classes="cd-refresh")
+        refresh = ToolButton(value="\U0001f504", elem_id=script.elem_id("refresh_checkpoints"))
     refresh.click(fn=lambda: gr.update(choices=checkpoint_choices()), inputs=[], outputs=[dropdown],
                   show_progress=False)
     return [dropdown], [(dropdown, _paste_checkpoint)]
