@@ -32,6 +32,7 @@ from lib_colorize import conditioning
 from lib_colorize.errors import ColorizeError, InvalidInput
 from lib_colorize.guidance import cross_attention_scales
 from lib_colorize import processors as unet_processors
+from lib_colorize.module_info import module_dtype
 from lib_colorize.options import NUM_ATTENTION_LAYERS, ColorizeOptions
 
 from . import model, sampling
@@ -176,7 +177,7 @@ def _unet_of(p):
 
 
 def _unet_dtype(unet) -> torch.dtype:
-    return next(unet.parameters()).dtype
+    return module_dtype(unet)
 
 
 def _prepare(p, state: GenerationState) -> None:
@@ -267,7 +268,7 @@ def _extractor(options: ColorizeOptions):
 
     def extract(image, size):
         return extract_lines(options.line_extractor, image, size, models_dir=model.models_dir(),
-                             device=model.compute_device(), allow_download=model.downloads_allowed())
+                             device=model.compute_device(), progress=model.download_progress)
 
     return extract
 

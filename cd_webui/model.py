@@ -12,8 +12,9 @@ unused OpenCLIP text tower. What this module adds, keyed by the loaded checkpoin
 * **sketch encoder** -- read from the same file by key prefix (only those tensors), cached by
   ``(path, mtime, size)`` and dropped when another checkpoint is loaded (:func:`on_model_loaded`);
 * **OpenCLIP ViT-H/14** (reference image tokens; text tower only for manipulation) -- from the models folder
-  (``--colorize-dir``, setting, or ``models/ColorizeDiffusion``), downloaded with the webui's downloader from
-  ``HF_ENDPOINT`` when allowed, else :class:`~lib_colorize.errors.MissingWeights` says what to put where.
+  (``--colorize-dir``, setting, or ``models/ColorizeDiffusion``), downloaded by :mod:`lib_colorize.weights` from
+  ``HF_ENDPOINT`` when allowed (progress in the webui's progress bar, :func:`download_progress`), else
+  :class:`~lib_colorize.errors.MissingWeights` says what to put where.
 
 Low VRAM: with ``--lowvram``/``--medvram`` our modules live on the CPU and visit the GPU only while they run
 (the webui's own offloading does not know them); the reference encoder is moved off the GPU after use when the
@@ -28,7 +29,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from lib_colorize.errors import CheckpointError, MissingWeights, NotColorizeModel
+from lib_colorize.errors import CheckpointError, NotColorizeModel
+from lib_colorize.module_info import module_device
 from lib_colorize.schedule import ldm_schedule_buffers
 
 logger = logging.getLogger(__name__)
@@ -87,10 +89,6 @@ def models_dir() -> str:
 
         folder = os.path.join(paths.models_path, "ColorizeDiffusion")
     return os.path.abspath(os.path.expanduser(str(folder)))
-
-
-def downloads_allowed() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on")
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -287,7 +285,7 @@ class on_device:
         if self.hosted is not None:
             return self.hosted.__enter__()
         device = compute_device()
-        if next(self.module.parameters()).device != device:
+        if module_device(self.module) != device:
             if self.offload:
                 make_room_on_gpu()
             self.module.to(device)
@@ -304,27 +302,34 @@ class on_device:
 _clip: dict = {"path": None, "visual": None, "text": None}
 
 
+def download_progress(event) -> None:
+    """Progress of a first-run download (OpenCLIP, line extractors) in the webui: the progress bar's text
+    (``shared.state.textinfo``) while it runs, and a console line when it starts and ends."""
+    from lib_colorize.weights import format_bytes
+
+    state = getattr(_shared(), "state", None)
+    if event.finished:
+        if state is not None:
+            state.textinfo = None
+        print(f"ColorizeDiffusion: {'downloaded' if event.ok else 'could not download'} {event.filename}")
+        return
+    if event.done == 0:
+        print(f"ColorizeDiffusion: downloading {event.name} ({event.filename}"
+              f"{', ' + format_bytes(event.total) if event.total else ''}) into {event.destination}")
+    done = format_bytes(event.done)
+    amount = f"{done} of {format_bytes(event.total)}" if event.total else done
+    percent = f", {event.fraction:.0%}" if event.fraction is not None else ""
+    if state is not None:
+        state.textinfo = f"ColorizeDiffusion: downloading {event.filename} ({amount}{percent})"
+
+
 def clip_weights_path() -> str:
-    """Local OpenCLIP weights, or a download into the models folder (webui downloader, ``HF_ENDPOINT``)."""
-    from lib_colorize.models import clip
+    """Local OpenCLIP ViT-H/14 weights, or a download into the models folder from ``HF_ENDPOINT`` (the webui's
+    ``shared.hf_endpoint``), its progress shown in the webui."""
+    from lib_colorize.weights import CLIP_VIT_H, ensure_weight_file
 
-    folder = models_dir()
-    local = clip.find_local_weights(folder)
-    if local:
-        return local
-    shared = _shared()
-    endpoint = str(getattr(shared, "hf_endpoint", None) or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    url = f"{endpoint.rstrip('/')}/{clip.HF_REPO_VIT_H}/resolve/main/{clip.HF_FILENAME}"
-    hint = (f"ColorizeDiffusion: the OpenCLIP ViT-H/14 weights are missing. Put '{clip.HF_FILENAME}' "
-            f"(download it from {url}, about 3.9 GB) into {folder}")
-    if not downloads_allowed():
-        raise MissingWeights(hint + " (downloads are off: HF_HUB_OFFLINE is set).")
-    try:
-        from modules import modelloader
-
-        return modelloader.load_file_from_url(url, model_dir=folder, file_name=clip.HF_FILENAME)
-    except Exception as error:  # network, HTTP, disk: the user's fix is the same
-        raise MissingWeights(f"{hint} (download failed: {type(error).__name__}: {error}).") from None
+    endpoint = getattr(_shared(), "hf_endpoint", None) or os.environ.get("HF_ENDPOINT")
+    return os.fspath(ensure_weight_file(CLIP_VIT_H, models_dir(), progress=download_progress, endpoint=endpoint))
 
 
 def _load_clip_towers(towers: Sequence[str]) -> None:

@@ -76,6 +76,7 @@ class CheckpointInfo:
     name_version: Optional[str] = None
     num_tensors: int = 0
     warnings: Tuple[str, ...] = ()
+    context_dim: Optional[int] = None   # width of the cross-attention context (= the CLIP token width D)
 
 
 @dataclass
@@ -307,6 +308,14 @@ def _read_prefix(source: _TensorSource, prefix: str, strip: bool = True,
 # Inspect
 
 
+def _context_dim(source: _TensorSource) -> Optional[int]:
+    """Input width of the U-Net's cross-attention keys (``attn2.to_k.weight`` is (inner, context_dim))."""
+    for key, info in source.infos.items():
+        if key.startswith(UNET_PREFIX) and key.endswith(".attn2.to_k.weight") and len(info.shape) == 2:
+            return int(info.shape[1])
+    return None
+
+
 def _info_from_source(source: _TensorSource) -> CheckpointInfo:
     path, keys = source.path, list(source.infos)
     if not is_colorize_checkpoint(keys):
@@ -335,6 +344,7 @@ def _info_from_source(source: _TensorSource) -> CheckpointInfo:
         name_version=name_version,
         num_tensors=len(keys),
         warnings=tuple(warnings),
+        context_dim=_context_dim(source),
     )
 
 

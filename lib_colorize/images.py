@@ -91,7 +91,7 @@ def _from_array(array: np.ndarray, field: str) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Alpha is composited on white: a transparent sketch background is paper, not black."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")

@@ -360,10 +360,6 @@ def threshold_levels(sim_map: np.ndarray, thresholds: Sequence[float] = DEFAULT_
     return out
 
 
-def _rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else decode_image(image, "reference")
-
-
 def limit_heatmap_reference(reference: Image.Image, max_side: int = HEATMAP_MAX_SIDE) -> Image.Image:
     """Shrink (PIL bicubic) so the longer side is ``max_side``, like the original's visualisation; smaller
     images are returned as they are."""
@@ -386,7 +382,7 @@ def render_heatmap(reference: Image.Image, levels: np.ndarray) -> Image.Image:
     """
     import cv2
 
-    reference = limit_heatmap_reference(_rgb(reference))
+    reference = limit_heatmap_reference(decode_image(reference, "reference"))
     width, height = reference.size
     levels = np.ascontiguousarray(levels, dtype=np.uint8)
     if levels.shape != (height, width):
@@ -412,7 +408,7 @@ def manipulation_heatmap(reference: Image.Image, groups_saved: Sequence[Manipula
     """
     from .preprocess import image_to_tensor
 
-    reference = limit_heatmap_reference(_rgb(reference))
+    reference = limit_heatmap_reference(decode_image(reference, "reference"))
     width, height = reference.size
     with torch.no_grad():
         tokens = encode_full(image_to_tensor(reference))

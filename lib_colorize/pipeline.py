@@ -8,7 +8,9 @@ generation only, :func:`~lib_colorize.denoiser.guided_call` is the denoiser, and
 """
 from __future__ import annotations
 
+import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -21,14 +23,16 @@ from .errors import InvalidInput
 from .guidance import cross_attention_scales
 from . import processors as unet_processors
 from .models import LATENT_SCALE
+from .module_info import module_dtype
 from .options import NUM_ATTENTION_LAYERS, ColorizeOptions
 from .preprocess import (check_resolution, crop_to_box, default_size_for, prepare_reference, prepare_sketch,
                          reference_for_injection, tensor_to_images)
-from .samplers import SAMPLERS, STOCHASTIC_SAMPLERS, get_sampler, initial_noise, seeded_generators
+from .samplers import get_sampler, initial_noise, seeded_generators
 from .schedule import NoiseSchedule, make_denoiser
 
+logger = logging.getLogger(__name__)
+
 MAX_SEED = 2 ** 32 - 1
-STOCHASTIC_FUNCTIONS = frozenset(SAMPLERS[name].func for name in STOCHASTIC_SAMPLERS)
 NATIVE_SIZE = {"v1": 512, "v1.5": 512, "v2": 768}
 
 
@@ -60,6 +64,8 @@ class SamplingOptions:
             raise InvalidInput("seed", f"{self.seed} is out of range [-1, {MAX_SEED}]")
         for name in ("width", "height"):
             value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InvalidInput(name, f"{value} must be positive (a multiple of 64)")
             if value is not None and (value < 64 or value % 64):
                 raise InvalidInput(name, f"{value} is not a multiple of 64 (method §8.4); try "
                                          f"{max(64, round(value / 64) * 64)}")
@@ -119,14 +125,21 @@ class Colorizer:
 
     @classmethod
     def from_files(cls, checkpoint_path, *, clip_arch="ViT-H-14", clip_weights=None, models_dir=None,
-                   device="cpu", dtype=torch.float32, allow_download=True) -> "Colorizer":
+                   device="cpu", dtype=torch.float32, allow_download=True, progress=None) -> "Colorizer":
+        """Load a checkpoint and OpenCLIP. ``models_dir``: the folder of the OpenCLIP and line-extractor weights
+        (None: the Hugging Face cache); ``progress``: a :data:`lib_colorize.weights.ProgressCallback` for
+        downloads. Each load is logged (``lib_colorize`` logger, INFO) with its duration."""
         from .checkpoint import load_checkpoint
         from .models.clip import load_clip
 
+        started = time.monotonic()
+        logger.info("loading checkpoint %s", checkpoint_path)
         checkpoint = load_checkpoint(checkpoint_path, dtype=dtype, device=device)
+        logger.info("loaded checkpoint (%s, %s) in %.1f s", checkpoint.info.version,
+                    checkpoint.info.parameterization, time.monotonic() - started)
         # CLIP is loaded on the CPU: Colorizer moves the image tower to the GPU only for an encode
         clip = load_clip(clip_arch, weights=clip_weights, models_dir=models_dir, allow_download=allow_download,
-                         device="cpu", dtype=torch.float32)
+                         device="cpu", dtype=torch.float32, progress=progress)
         if clip.text is not None:
             clip.text.to(device)
         return cls(checkpoint, clip, device=device, dtype=dtype, models_dir=models_dir,
@@ -142,12 +155,10 @@ class Colorizer:
         return NATIVE_SIZE.get(self.checkpoint.info.version, 512)
 
     def output_size(self, options: ColorizeOptions, sampling: SamplingOptions) -> tuple[int, int]:
-        """(W, H): given, or the sketch's aspect ratio at the model's native size (multiples of 64)."""
-        if sampling.width and sampling.height:
-            width, height = sampling.width, sampling.height
-        else:
-            width, height = default_size_for(options.sketch.size, native=self.native_size)
-            width, height = sampling.width or width, sampling.height or height
+        """(W, H): given; one side given, the other from the sketch's aspect ratio; else the sketch's aspect ratio
+        at the model's native size (multiples of 64)."""
+        width, height = default_size_for(options.sketch.size, native=self.native_size, width=sampling.width,
+                                         height=sampling.height)
         check_resolution(width, height)
         return width, height
 
@@ -210,6 +221,7 @@ class Colorizer:
         sampling.check()
         width, height = self.output_size(options, sampling)
         seed = sampling.resolved_seed()
+        seeds = [seed + i for i in range(sampling.batch_size)]   # the webui's per-image seeds
         sampler = get_sampler(sampling.sampler, sampling.schedule)
         latent_h, latent_w = height // 8, width // 8
 
@@ -228,7 +240,7 @@ class Colorizer:
         if injection_reference is not None:
             injection = conditioning.build_injection(
                 options, self.vae.encode, injection_reference.to(self.device, self.vae_dtype), injection_hints,
-                [seed + i for i in range(sampling.batch_size)], dtype=self.dtype)
+                seeds, dtype=self.dtype)
         plan = conditioning.build_plan(options, sketch_hints=sketch_hints, blank_hints=blank_hints,
                                        tokens=tokens, injection=injection)
         scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
@@ -247,13 +259,13 @@ class Colorizer:
             return self.denoise(plan, processors, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),
                                 lambda r, s, n: r.float() + s.float() * n.float())
 
-        sigmas = self.schedule.get_sigmas(sampling.steps, sampler.schedule).to(self.device)
+        sigmas = sampler.sigmas(self.schedule, sampling.steps).to(self.device)
         generators = seeded_generators(seed, sampling.batch_size)
         x = initial_noise((sampling.batch_size, 4, latent_h, latent_w), seed, float(sigmas[0]),
                           generators=generators, device=self.device)
-        kwargs = {"callback": callback, "interrupt": interrupt}
-        if sampler.func in STOCHASTIC_FUNCTIONS:
-            kwargs["generator"] = generators   # per-step noise continues each image's own seeded stream
+        # image i's noise: its generator continues its own seeded stream (ancestral samplers), or its own
+        # Brownian tree seeded seeds[i] (SDE samplers), so a batch image equals the single generation of its seed
+        kwargs = dict(sampler.noise_args(x, sigmas, generators, seeds), callback=callback, interrupt=interrupt)
         with processors:
             latents = sampler.func(model, x, sigmas, **kwargs)
         images = self.decode(latents)
@@ -269,7 +281,7 @@ class Colorizer:
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        return module_dtype(self.vae)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list:

@@ -34,11 +34,6 @@ Extractor = Callable[[Image.Image, int], torch.Tensor]
 Box = tuple[int, int, int, int]
 
 
-def _rgb(image: Image.Image, field: str) -> Image.Image:
-    """RGB, with transparency composited over white paper (as :func:`lib_colorize.images.decode_image`)."""
-    return image if image.mode == "RGB" else decode_image(image, field)
-
-
 def _resize(size: Sequence[int]) -> T.Resize:
     """torchvision ``Resize((h, w))``, bicubic with antialias (the original's ``resize`` partial)."""
     return T.Resize(tuple(int(s) for s in size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
@@ -49,7 +44,7 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image -> ``(1, 3, H, W)`` float32 in [-1, 1]: ``ToTensor`` then ``Normalize(0.5, 0.5)`` (§8.1).
 
     Non-RGB images are converted first (transparency over white)."""
-    x = TF.to_tensor(_rgb(image, "image"))
+    x = TF.to_tensor(decode_image(image, "image"))
     return TF.normalize(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).unsqueeze(0)
 
 
@@ -89,16 +84,24 @@ def round_to_multiple_of_64(width: float, height: float) -> tuple[int, int]:
     return one(width), one(height)
 
 
-def default_size_for(sketch_size: tuple[int, int], native: int = 512, max_side: int = 2048) -> tuple[int, int]:
+def default_size_for(sketch_size: tuple[int, int], native: int = 512, max_side: int = 2048,
+                     width: Optional[int] = None, height: Optional[int] = None) -> tuple[int, int]:
     """Output ``(W, H)`` for a sketch of PIL size ``(w0, h0)``: the sketch's aspect ratio at about
     ``native * native`` pixels, each side rounded to a multiple of 64 and kept within [64, ``max_side``].
 
-    ``W = native sqrt(w0 / h0)``, ``H = native sqrt(h0 / w0)`` before rounding (so ``W H = native²``).
+    ``W = native sqrt(w0 / h0)``, ``H = native sqrt(h0 / w0)`` before rounding (so ``W H = native²``). When one
+    side is given, the other keeps the aspect ratio: ``H = width h0 / w0`` (or ``W = height w0 / h0``), rounded.
     """
     w0, h0 = (int(v) for v in sketch_size)
     if w0 < 1 or h0 < 1:
         raise InvalidInput("sketch", f"image is empty ({w0}x{h0} px)")
     aspect = w0 / h0
+    if width and height:
+        return width, height
+    if width:
+        return width, min(round_to_multiple_of_64(width, width / aspect)[1], max(max_side, width))
+    if height:
+        return min(round_to_multiple_of_64(height * aspect, height)[0], max(max_side, height)), height
     width, height = round_to_multiple_of_64(native * math.sqrt(aspect), native * math.sqrt(1.0 / aspect))
     limit = max(RESOLUTION_MULTIPLE, max_side // RESOLUTION_MULTIPLE * RESOLUTION_MULTIPLE)
     return min(width, limit), min(height, limit)
@@ -138,7 +141,7 @@ def prepare_sketch(sketch: Optional[Image.Image], mode: str, size: tuple[int, in
         raise InvalidInput("sketch_mode", f"{mode!r} is not one of {', '.join(SKETCH_MODES)}")
     if sketch is None:
         return -torch.ones((1, 3, height, width), dtype=torch.float32), (0, 0, width, height)
-    sketch = _rgb(sketch, "sketch")
+    sketch = decode_image(sketch, "sketch")
     w0, h0 = sketch.size
     r = min(height / h0, width / w0)
     if mode == "none":
@@ -170,7 +173,7 @@ def pad_reference_with_margin(image: Image.Image, margin: float) -> Image.Image:
     w0, h0 = image.size
     new_width = int(w0 * margin)
     canvas = Image.new("RGB", (new_width, h0), (255, 255, 255))
-    canvas.paste(_rgb(image, "reference"), ((new_width - w0) // 2, 0))
+    canvas.paste(decode_image(image, "reference"), ((new_width - w0) // 2, 0))
     return canvas
 
 
@@ -186,7 +189,7 @@ def reference_for_injection(image: Image.Image, size: tuple[int, int]) -> torch.
     """Attention-injection reference (method §6.1): the *unpadded* reference resized to exactly ``size`` =
     ``(H, W)`` (torchvision ``Resize`` on the PIL image, bicubic, antialias; aspect not kept), as
     ``(1, 3, H, W)`` in [-1, 1]."""
-    return image_to_tensor(_resize(size)(_rgb(image, "reference")))
+    return image_to_tensor(_resize(size)(decode_image(image, "reference")))
 
 
 # ----------------------------------------------------------------------------------------- output (§8.5)

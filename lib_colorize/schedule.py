@@ -19,13 +19,17 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 __all__ = [
-    "NUM_TIMESTEPS", "LINEAR_START", "LINEAR_END", "SCHEDULE_KEYS",
+    "NUM_TIMESTEPS", "LINEAR_START", "LINEAR_END", "SCHEDULE_KEYS", "SCHEDULE_LABELS", "SAMPLER_STEPS",
+    "schedule_key",
     "scaled_linear_betas", "alphas_cumprod_from_betas", "append_zero", "append_dims",
     "NoiseSchedule", "default_schedule",
-    "get_sigmas_karras", "get_sigmas_exponential", "ddim_timesteps",
+    "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential", "get_sigmas_kl_optimal",
+    "get_sigmas_align_your_steps", "get_sigmas_beta", "ALIGN_YOUR_STEPS_SIGMAS", "discard_penultimate_sigma",
+    "ddim_timesteps",
     "eps_to_x0", "v_to_x0", "x0_to_eps", "get_scalings",
     "Denoiser", "make_denoiser",
 ]
@@ -34,10 +38,32 @@ NUM_TIMESTEPS = 1000
 LINEAR_START = 0.00085
 LINEAR_END = 0.012
 
-#: Keys accepted by :meth:`NoiseSchedule.get_sigmas` (lower case; display names are matched case-insensitively).
+#: The webui's "Schedule type" table (``modules/sd_schedulers.py`` of v1.10.1), key -> label, in its order.
 #: "automatic" is the same as "uniform" here; the sampler registry resolves the webui's "Automatic" to the
 #: sampler's own default before it gets here.
-SCHEDULE_KEYS = ("automatic", "uniform", "karras", "exponential", "ddim")
+SCHEDULE_LABELS: Dict[str, str] = {
+    "automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+    "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim": "DDIM", "beta": "Beta",
+}
+#: Other names the webui accepts for a schedule (its ``aliases``).
+SCHEDULE_ALIASES: Dict[str, str] = {"sgmuniform": "sgm_uniform"}
+#: Steps of a sampler of its own, not a schedule type: the DDIM sampler's timesteps.
+SAMPLER_STEPS = ("ddim_timesteps",)
+#: Keys accepted by :meth:`NoiseSchedule.get_sigmas` (labels and aliases are accepted too, see :func:`schedule_key`).
+SCHEDULE_KEYS = tuple(SCHEDULE_LABELS) + SAMPLER_STEPS
+
+
+def schedule_key(name: str) -> str:
+    """The key of a schedule given by key, label or alias, case-insensitive ("SGM Uniform", "sgm_uniform" and
+    "SGMUniform" all give "sgm_uniform"). Raises ValueError naming the labels."""
+    wanted = str(name).strip().lower()
+    for key, label in SCHEDULE_LABELS.items():
+        if wanted in (key, label.lower()):
+            return key
+    if wanted in SCHEDULE_ALIASES:
+        return SCHEDULE_ALIASES[wanted]
+    raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULE_LABELS.values())}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,8 +235,9 @@ class NoiseSchedule:
         :func:`get_sigmas_exponential`)."""
         return get_sigmas_exponential(n, self.sigma_min, self.sigma_max)
 
-    def get_sigmas_ddim(self, n: int) -> torch.Tensor:
-        """The DDIM timesteps of :func:`ddim_timesteps` as sigmas, descending, then a trailing 0.
+    def get_sigmas_ddim_timesteps(self, n: int) -> torch.Tensor:
+        """The DDIM sampler's own steps: the timesteps of :func:`ddim_timesteps` as sigmas, descending, then a
+        trailing 0 (the webui's DDIM is a timesteps sampler and ignores the schedule type).
 
         ``sigmas = [sigma_{t_k}, ..., sigma_{t_0}, 0]`` with ``t_k = k * (T // n) + 1``. These are exact table
         entries (``sigma_to_t`` maps them back to the integer timesteps). The number of steps is
@@ -222,22 +249,68 @@ class NoiseSchedule:
         timesteps = ddim_timesteps(n, self.num_timesteps)
         return append_zero(self.sigmas[timesteps.flip(0)])
 
-    def get_sigmas(self, n: int, kind: str = "uniform") -> torch.Tensor:
-        """Sigma schedule by name (case-insensitive): 'automatic'/'uniform', 'karras', 'exponential', 'ddim'.
+    def get_sigmas_ddim(self, n: int) -> torch.Tensor:
+        """The webui's "DDIM" schedule type for the k-diffusion samplers: the table sigmas at ``t = 1, 1 + s,
+        1 + 2s, ... < T`` with ``s = max(T // n, 1)``, descending, then a trailing 0. The same timesteps as
+        :meth:`get_sigmas_ddim_timesteps` except when ``s`` divides ``T - 1`` (n = 3, 9, 27, 37, ...), where the
+        DDIM sampler also has ``t = 999``."""
+        _check_steps(n)
+        stride = max(self.num_timesteps // int(n), 1)
+        return append_zero(self.sigmas[list(range(1, self.num_timesteps, stride))[::-1]])
 
-        Returns a float32 CPU tensor of descending sigmas ending in a trailing 0 (``n + 1`` entries, except
-        'ddim', see :meth:`get_sigmas_ddim`).
+    def get_sigmas_polyexponential(self, n: int, rho: float = 1.0) -> torch.Tensor:
+        """Polynomial in log sigma between this model's ``sigma_max`` and ``sigma_min`` (see
+        :func:`get_sigmas_polyexponential`)."""
+        return get_sigmas_polyexponential(n, self.sigma_min, self.sigma_max, rho=rho)
+
+    def get_sigmas_sgm_uniform(self, n: int) -> torch.Tensor:
+        """The webui's "SGM Uniform": ``sigma(t)`` for the first ``n`` of ``linspace(t(sigma_max), t(sigma_min),
+        n + 1)``, then a trailing 0 (the uniform timesteps of SGM's discretization, which never reach t = 0)."""
+        _check_steps(n)
+        t = torch.linspace(float(self.sigma_to_t(self.sigma_max)), float(self.sigma_to_t(self.sigma_min)), n + 1)
+        return append_zero(self.t_to_sigma(t[:-1]))
+
+    def get_sigmas_normal(self, n: int) -> torch.Tensor:
+        """The webui's "Normal": ``sigma(t)`` for ``t = linspace(t(sigma_max), t(sigma_min), n)``, then a trailing 0
+        (on this table the same timesteps as "Uniform", reached through ``sigma_to_t``)."""
+        _check_steps(n)
+        t = torch.linspace(float(self.sigma_to_t(self.sigma_max)), float(self.sigma_to_t(self.sigma_min)), n)
+        return append_zero(self.t_to_sigma(t))
+
+    def get_sigmas_simple(self, n: int) -> torch.Tensor:
+        """The webui's "Simple": every ``T/n``-th table sigma from the top, ``sigma_k = sigmas[T - 1 - floor(k T/n)]``
+        for ``k = 0..n-1``, then a trailing 0."""
+        _check_steps(n)
+        stride = self.num_timesteps / n
+        indices = [self.t_max - int(k * stride) for k in range(int(n))]
+        return append_zero(self.sigmas[indices])
+
+    def get_sigmas_kl_optimal(self, n: int) -> torch.Tensor:
+        """KL-optimal steps between this model's ``sigma_max`` and ``sigma_min`` (see :func:`get_sigmas_kl_optimal`;
+        no trailing 0)."""
+        return get_sigmas_kl_optimal(n, self.sigma_min, self.sigma_max)
+
+    def get_sigmas_align_your_steps(self, n: int) -> torch.Tensor:
+        """Align Your Steps for SD 1.5-family models (see :func:`get_sigmas_align_your_steps`)."""
+        return get_sigmas_align_your_steps(n)
+
+    def get_sigmas_beta(self, n: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+        """Beta-distributed steps between this model's ``sigma_max`` and ``sigma_min`` (see
+        :func:`get_sigmas_beta`)."""
+        return get_sigmas_beta(n, self.sigma_min, self.sigma_max, alpha=alpha, beta=beta)
+
+    def get_sigmas(self, n: int, kind: str = "uniform") -> torch.Tensor:
+        """Sigma schedule by key, label or alias (case-insensitive, see :data:`SCHEDULE_LABELS`): 'automatic' (=
+        'uniform'), 'karras', 'exponential', 'polyexponential', 'sgm_uniform', 'kl_optimal', 'align_your_steps',
+        'simple', 'normal', 'ddim', 'beta'; each as the webui v1.10.1 builds it from this model's sigma range.
+
+        Also 'ddim_timesteps', the DDIM sampler's own steps. Returns a float32 CPU tensor of descending sigmas,
+        ``n + 1`` entries ending in 0, except 'ddim' and 'ddim_timesteps' (see :meth:`get_sigmas_ddim`,
+        :meth:`get_sigmas_ddim_timesteps`) and 'kl_optimal', which ends at ``sigma_min`` as in the webui.
         """
-        key = str(kind).strip().lower()
-        if key in ("automatic", "uniform"):
-            return self.get_sigmas_uniform(n)
-        if key == "karras":
-            return self.get_sigmas_karras(n)
-        if key == "exponential":
-            return self.get_sigmas_exponential(n)
-        if key == "ddim":
-            return self.get_sigmas_ddim(n)
-        raise ValueError(f"unknown sigma schedule {kind!r}; valid: {', '.join(SCHEDULE_KEYS)}")
+        key = kind if kind in SAMPLER_STEPS else schedule_key(kind)
+        method = "get_sigmas_uniform" if key == "automatic" else f"get_sigmas_{key}"
+        return getattr(self, method)(n)
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(T={self.num_timesteps}, sigma_min={self.sigma_min:.7g}, "
@@ -276,6 +349,75 @@ def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> torch.
     _check_steps(n)
     sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float32).exp()
     return append_zero(sigmas)
+
+
+def get_sigmas_polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """Polynomial in log sigma (k-diffusion ``get_sigmas_polyexponential``): with ``r_i = (1 - i/(n-1))^rho``,
+    ``sigma_i = exp(log sigma_min + r_i (log sigma_max - log sigma_min))``, then a trailing 0. ``rho = 1`` is the
+    exponential schedule."""
+    _check_steps(n)
+    ramp = torch.linspace(1, 0, n, dtype=torch.float32) ** rho
+    sigmas = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    return append_zero(sigmas)
+
+
+def get_sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """The KL-optimal schedule (Sabour, Fidler & Kreis 2024, "Align Your Steps", arXiv 2404.14507: the steps that
+    minimise their KL-divergence bound, evenly spaced in ``atan sigma``):
+    ``sigma_k = tan((k/n) atan(sigma_min) + (1 - k/n) atan(sigma_max))``, ``k = 0..n``.
+
+    As the webui's "KL Optimal" this has ``n + 1`` entries and ends at ``sigma_min``, not 0: the last step
+    leaves ``sigma_min`` of noise.
+    """
+    _check_steps(n)
+    alpha_min = torch.arctan(torch.tensor(sigma_min, dtype=torch.float32))
+    alpha_max = torch.arctan(torch.tensor(sigma_max, dtype=torch.float32))
+    k = torch.arange(int(n) + 1) / n
+    return torch.tan(k * alpha_min + (1.0 - k) * alpha_max)
+
+
+#: The published Align Your Steps noise levels (Sabour, Fidler & Kreis 2024, NVIDIA's "how to" page; 11 sigmas
+#: from sigma_max down to sigma_min), as the webui v1.10.1 uses them: SD 1.5 (every model that is not SDXL) and SDXL.
+ALIGN_YOUR_STEPS_SIGMAS: Dict[str, Tuple[float, ...]] = {
+    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+
+
+def get_sigmas_align_your_steps(n: int, family: str = "sd15") -> torch.Tensor:
+    """Align Your Steps (Sabour, Fidler & Kreis 2024), as the webui's "Align Your Steps": for ``n = 11`` the
+    published sigmas of ``family`` themselves; otherwise ``n`` sigmas log-linearly interpolated through them
+    (``log sigma`` read off the published curve at ``n`` evenly spaced points); then a trailing 0. (The webui
+    compares ``n`` with the length of the table, 11, so its 10-step schedule is an interpolated one.)"""
+    _check_steps(n)
+    published = ALIGN_YOUR_STEPS_SIGMAS[family]
+    if n == len(published):
+        return torch.tensor(published + (0.0,), dtype=torch.float32)
+    log_ascending = np.log(np.asarray(published[::-1], dtype=np.float64))
+    grid = np.linspace(0, 1, len(published))
+    sigmas = np.exp(np.interp(np.linspace(0, 1, int(n)), grid, log_ascending))[::-1]
+    return torch.tensor(np.append(sigmas, 0.0), dtype=torch.float32)
+
+
+def get_sigmas_beta(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6,
+                    beta: float = 0.6) -> torch.Tensor:
+    """Beta sampling (Lee et al. 2024, "Beta Sampling is All You Need", arXiv 2407.12173), the webui's "Beta":
+    ``u_i = F^{-1}_{Beta(alpha, beta)}(1 - i/(n-1))`` (the quantile function), ``sigma_i = sigma_min + u_i
+    (sigma_max - sigma_min)``, then a trailing 0. Needs scipy (for the quantile function)."""
+    _check_steps(n)
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ImportError("the Beta schedule needs scipy (pip install scipy)") from None
+    quantiles = stats.beta.ppf(1 - np.linspace(0, 1, int(n)), alpha, beta)
+    sigmas = sigma_min + quantiles * (sigma_max - sigma_min)
+    return torch.tensor(np.append(sigmas, 0.0), dtype=torch.float32)
+
+
+def discard_penultimate_sigma(sigmas: torch.Tensor) -> torch.Tensor:
+    """``[sigma_0, ..., sigma_{n-2}, sigma_n]``: drops the next-to-last sigma, as the webui does for the samplers
+    flagged ``discard_next_to_last_sigma`` (DPM2, DPM2 a, DPM++ 3M SDE) after building one step more."""
+    return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
 def ddim_timesteps(n: int, num_timesteps: int = NUM_TIMESTEPS) -> torch.Tensor:

@@ -7,12 +7,17 @@ Each extractor turns an RGB drawing into a (1, 3, size, size) float32 CPU tensor
 the caller passes ``size`` and later resizes/pads the tensor to the target (method §8.2).
 
 Registry: :data:`EXTRACTORS` maps the UI/API names to :class:`ExtractorSpec`. Names are looked up only in the
-registry; they never become paths. Learned extractors load their weights from ``models_dir`` (see ``weights``) and are
-cached per (name, device, dtype) until :func:`unload_extractors`.
+registry; they never become paths. Learned extractors load their weight file (``spec.weights``, a
+:class:`~lib_colorize.weights.WeightFile`) from ``models_dir``, the extension's folder of the models folder (None: the
+Hugging Face cache), downloading it when allowed, and are cached per (name, device, dtype) until
+:func:`unload_extractors`.
 """
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -23,47 +28,52 @@ from PIL import Image
 from torch import nn
 
 from lib_colorize.errors import InvalidInput
+from lib_colorize.images import decode_image
+
+from lib_colorize.weights import (LINE_EXTRACTOR_FILES, ProgressCallback, WeightFile, ensure_weight_file,
+                                  find_weight_file)
 
 from . import anime2sketch, erika, sketch_keras, standard
-from .weights import DEFAULT_MODELS_DIR, ensure_weights, find_weights, load_into
+from .loading import load_into
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_EXTRACTOR", "DEFAULT_MODELS_DIR", "EXTRACTORS", "ExtractorSpec", "extract_lines", "find_weights",
-    "get_spec", "load_extractor", "prepare_image", "unload_extractors",
+    "DEFAULT_EXTRACTOR", "EXTRACTORS", "ExtractorSpec", "extract_lines", "find_weights", "get_spec",
+    "load_extractor", "prepare_image", "unload_extractors", "weights_path",
 ]
 
 
 @dataclass(frozen=True)
 class ExtractorSpec:
-    """One line extractor. ``weight_file`` is the local file name in models_dir; ``hf_repo``/``hf_filename`` the
-    Hugging Face source the original app (and A1111 ControlNet, for netG/erika) downloads from."""
+    """One line extractor: its UI/API name, its label, and the weight file of a learned one (None for the
+    model-free one)."""
 
     name: str
     label: str
-    needs_weights: bool
-    weight_file: str | None = None
-    hf_repo: str | None = None
-    hf_filename: str | None = None
+    weights: WeightFile | None = None
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.weights is not None
+
+    @property
+    def weight_file(self) -> str | None:
+        """The local file name in the models folder."""
+        return self.weights.filename if self.weights else None
 
     @property
     def source_url(self) -> str | None:
-        if not self.hf_repo:
-            return None
-        return f"https://huggingface.co/{self.hf_repo}/resolve/main/{self.hf_filename}"
+        return self.weights.source_url if self.weights else None
 
 
 EXTRACTORS: dict[str, ExtractorSpec] = {
-    "lineart_standard": ExtractorSpec(
-        "lineart_standard", "Standard (no model; ControlNet lineart_standard)", needs_weights=False),
-    "lineart": ExtractorSpec(
-        "lineart", "Anime2Sketch (lineart)", needs_weights=True,
-        weight_file="netG.pth", hf_repo="lllyasviel/Annotators", hf_filename="netG.pth"),
-    "lineart_denoise": ExtractorSpec(
-        "lineart_denoise", "Manga line / Erika (lineart_denoise)", needs_weights=True,
-        weight_file="erika.pth", hf_repo="lllyasviel/Annotators", hf_filename="erika.pth"),
-    "lineart_keras": ExtractorSpec(
-        "lineart_keras", "SketchKeras (lineart_keras)", needs_weights=True,
-        weight_file="sketchKeras.pth", hf_repo="tellurion/line_extractor", hf_filename="model.pth"),
+    "lineart_standard": ExtractorSpec("lineart_standard", "Standard (no model; ControlNet lineart_standard)"),
+    "lineart": ExtractorSpec("lineart", "Anime2Sketch (lineart)", LINE_EXTRACTOR_FILES["lineart"]),
+    "lineart_denoise": ExtractorSpec("lineart_denoise", "Manga line / Erika (lineart_denoise)",
+                                     LINE_EXTRACTOR_FILES["lineart_denoise"]),
+    "lineart_keras": ExtractorSpec("lineart_keras", "SketchKeras (lineart_keras)",
+                                   LINE_EXTRACTOR_FILES["lineart_keras"]),
 }
 
 #: The original app's default line extractor (method §12.3).
@@ -87,6 +97,23 @@ def get_spec(name: Any) -> ExtractorSpec:
     return spec
 
 
+def find_weights(name: str, models_dir: "str | os.PathLike[str] | None" = None):
+    """The existing weight file of the extractor ``name`` in ``models_dir`` (None: the Hugging Face cache), else
+    None (also for the model-free extractor)."""
+    spec = get_spec(name)
+    return find_weight_file(spec.weights, models_dir) if spec.weights else None
+
+
+def weights_path(name: str, models_dir: "str | os.PathLike[str] | None" = None, *, allow_download: bool = True,
+                 progress: ProgressCallback | None = None):
+    """The weight file of the learned extractor ``name``, downloaded into ``models_dir`` if needed and allowed;
+    :class:`~lib_colorize.errors.MissingWeights` otherwise."""
+    spec = get_spec(name)
+    if spec.weights is None:
+        raise InvalidInput("line_extractor", f"{name!r} has no network")
+    return ensure_weight_file(spec.weights, models_dir, allow_download=allow_download, progress=progress)
+
+
 def _device_and_dtype(device: Any, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
@@ -97,7 +124,7 @@ def _device_and_dtype(device: Any, dtype: torch.dtype) -> tuple[torch.device, to
 
 
 def load_extractor(name: str, *, models_dir=None, device: Any = "cpu", dtype: torch.dtype = torch.float32,
-                   allow_download: bool = True) -> nn.Module:
+                   allow_download: bool = True, progress: ProgressCallback | None = None) -> nn.Module:
     """The cached network of a learned extractor on ``device`` in ``dtype`` (loaded on first use)."""
     spec = get_spec(name)
     if not spec.needs_weights:
@@ -107,10 +134,13 @@ def load_extractor(name: str, *, models_dir=None, device: Any = "cpu", dtype: to
     with _lock:
         net = _cache.get(key)
         if net is None:
-            path = ensure_weights(spec, models_dir, allow_download=allow_download)
+            path = weights_path(name, models_dir, allow_download=allow_download, progress=progress)
+            started = time.monotonic()
+            logger.info("loading line extractor %s from %s", name, path)
             net = load_into(_IMPLEMENTATIONS[name].build_network(), path).eval().requires_grad_(False)
             net = net.to(dtype=dt)
             _cache[key] = net
+            logger.info("loaded line extractor %s in %.1f s", name, time.monotonic() - started)
     return net.to(dev)
 
 
@@ -127,12 +157,9 @@ def unload_extractors(*, to_cpu_only: bool = False) -> None:
 
 
 def prepare_image(image: Image.Image, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 RGB: transparency composited over white, then PIL bicubic resize to the square."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
+    """(size, size, 3) uint8 RGB: :func:`lib_colorize.images.decode_image` (transparency over white paper), then
+    PIL bicubic resize to the square."""
+    image = decode_image(image, "sketch")
     if image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
@@ -141,7 +168,7 @@ def prepare_image(image: Image.Image, size: int) -> np.ndarray:
 @torch.no_grad()
 def extract_lines(name: str, image: Image.Image, size: int, *, models_dir=None, device: Any = "cpu",
                   dtype: torch.dtype = torch.float32, allow_download: bool = True,
-                  offload: bool = False) -> torch.Tensor:
+                  offload: bool = False, progress: ProgressCallback | None = None) -> torch.Tensor:
     """Extract the line art of ``image`` with the extractor ``name`` (method §8.2).
 
     Returns a (1, 3, size, size) float32 CPU tensor, sketch domain (background -1, lines +1), values in [-1, 1].
@@ -158,7 +185,8 @@ def extract_lines(name: str, image: Image.Image, size: int, *, models_dir=None, 
     if not spec.needs_weights:
         return standard.extract(rgb)
     dev, dt = _device_and_dtype(device, dtype)
-    net = load_extractor(name, models_dir=models_dir, device=dev, dtype=dt, allow_download=allow_download)
+    net = load_extractor(name, models_dir=models_dir, device=dev, dtype=dt, allow_download=allow_download,
+                         progress=progress)
     try:
         out = _IMPLEMENTATIONS[name].run(net, rgb, dev, dt)
     finally:

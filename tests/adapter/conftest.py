@@ -7,6 +7,7 @@ with the token geometry of ViT-H/14.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
@@ -46,6 +47,39 @@ def real_webui_path(relative: str) -> Path:
     if not path.exists():
         pytest.fail(f"{WEBUI_DIR_VARIABLE}={root} has no {relative}: not a webui v1.10.1 tree")
     return path
+
+
+def load_real_webui_module(relative: str, name: str):
+    """The real webui's module at ``relative`` (e.g. ``modules/sd_schedulers.py``), executed under ``name`` over the
+    stand-in's other modules (``from modules import shared`` finds the stand-in's)."""
+    spec = importlib.util.spec_from_file_location(name, real_webui_path(relative))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def real_webui_source_tree(relative: str) -> ast.Module:
+    """The parsed source of the real webui's file at ``relative``."""
+    return ast.parse(real_webui_path(relative).read_text(encoding="utf-8"))
+
+
+def real_webui_functions(relative: str, names, namespace: dict) -> dict:
+    """The webui's own functions (``name`` or ``Class.method``), compiled from its source into ``namespace``."""
+    tree = real_webui_source_tree(relative)
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            found[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            found.update({f"{node.name}.{f.name}": f for f in node.body if isinstance(f, ast.FunctionDef)})
+    functions = {}
+    for name in names:
+        node = found[name]
+        node.decorator_list = []
+        code = compile(ast.Module(body=[node], type_ignores=[]), f"{relative}:{name}", "exec")
+        exec(code, namespace)  # noqa: S102 - the webui's own source, read from CD_WEBUI_DIR
+        functions[name] = namespace[node.name]
+    return functions
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -12,13 +12,16 @@ import importlib.util
 import io
 import shutil
 import sys
+import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from conftest import REPO, reference_image, sketch_image
+from lib_colorize.weights import store as weights_store
 from lib_colorize.errors import CheckpointError, InvalidInput, MissingWeights, NotColorizeModel
 from lib_colorize.processors import for_generation, live_count
 from lib_colorize.infotext import INFOTEXT_KEYS, KEY_ENABLED
@@ -266,23 +269,76 @@ def test_error_while_preparing_a_pass_is_raised(webui, sd_model, monkeypatch):
 
 
 def test_missing_openclip_weights_message(webui, sd_model, tmp_path, monkeypatch):
-    from modules import modelloader, shared
+    import huggingface_hub
+    from modules import shared
 
+    calls = []
+
+    def unreachable(**kwargs):
+        calls.append(kwargs)
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
     shared.cmd_opts.colorize_dir = str(tmp_path / "empty")
     p = webui.txt2img(enabled())
     with pytest.raises(MissingWeights, match="open_clip_pytorch_model.bin") as info:
         webui.run(p)
     assert "HF_HUB_OFFLINE" in str(info.value) and str(tmp_path / "empty") in str(info.value)
-    assert modelloader.requested == []
-    # online: the webui's downloader is asked, from HF_ENDPOINT
+    assert calls == [], "offline: no download is attempted"
+    # online: downloaded from the webui's HF endpoint; a failure names the file, the folder and the reason
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(shared, "hf_endpoint", "https://hf-mirror.example")
-    with pytest.raises(MissingWeights, match="download failed"):
+    with pytest.raises(MissingWeights, match="download failed: OSError: no route to host") as info:
         webui.run(webui.txt2img(enabled()))
-    url, folder, name = modelloader.requested[0]
-    assert url == ("https://hf-mirror.example/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/main/"
-                   "open_clip_pytorch_model.bin")
-    assert folder == str(tmp_path / "empty") and name == "open_clip_pytorch_model.bin"
+    assert ("https://hf-mirror.example/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/main/"
+            "open_clip_pytorch_model.bin") in str(info.value)
+    assert [(c["repo_id"], c["filename"], c["endpoint"]) for c in calls] == [
+        ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_pytorch_model.bin", "https://hf-mirror.example")]
+    assert shared.state.textinfo is None, "the progress text is cleared after a failed download"
+    assert not any((tmp_path / "empty").iterdir()), "a failed download leaves nothing behind"
+
+
+def test_first_run_download_shows_progress_in_the_webui(webui, sd_model, tmp_path, monkeypatch):
+    """The OpenCLIP download of a first generation shows in the progress bar's text (``shared.state.textinfo``,
+    what the webui's /internal/progress returns) while it runs, and the generation then goes on with the file."""
+    import huggingface_hub
+    from lib_colorize.weights import store
+    from modules import shared
+
+    from lib_colorize.testing.clip import make_tiny_clip_weights
+
+    seen = []
+    source = Path(make_tiny_clip_weights(str(tmp_path / "source.bin"), seed=3))
+
+    def download(repo_id, filename, local_dir, **kwargs):
+        partial = Path(local_dir) / ".cache" / "huggingface" / "download" / f"x.{filename}.incomplete"
+        partial.parent.mkdir(parents=True)
+        data = source.read_bytes()
+        for end in (len(data) // 2, len(data)):   # the hub writes a growing partial file, then renames it
+            partial.write_bytes(data[:end])
+            deadline = time.monotonic() + 5
+            while str(format_bytes(end)) not in str(shared.state.textinfo) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(shared.state.textinfo)
+        final = Path(local_dir) / filename
+        partial.rename(final)
+        return str(final)
+
+    from lib_colorize.weights import format_bytes
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
+    monkeypatch.setattr(store, "PROGRESS_INTERVAL", 0.01)
+    shared.cmd_opts.colorize_dir = str(tmp_path / "fresh")
+    processed = webui.run(webui.txt2img(enabled()))
+    assert len(processed.images) == 1
+    half, full = format_bytes(source.stat().st_size // 2), format_bytes(source.stat().st_size)
+    assert seen[0].startswith("ColorizeDiffusion: downloading open_clip_pytorch_model.bin") and half in seen[0]
+    assert full in seen[1] and "100%" not in seen[0]
+    assert shared.state.textinfo is None
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["open_clip_pytorch_model.bin"]
 
 
 def test_no_reference_needs_no_openclip(webui, sd_model, tmp_path):

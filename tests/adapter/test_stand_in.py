@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
-import importlib.util
 import inspect
 import json
 import os
@@ -27,7 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import real_webui_path, reference_image, sketch_image
+from conftest import (load_real_webui_module, real_webui_functions, real_webui_path, real_webui_source_tree,
+                      reference_image, sketch_image)
 
 OPTIMISATIONS = ["None", "sdp", "InvokeAI"]
 
@@ -99,10 +99,6 @@ def test_hooks_give_the_same_generation_under_every_kernel(webui, sd_model):
 
 
 # ------------------------------------------------------------------------------ the real webui's source
-def _tree(relative: str) -> ast.Module:
-    return ast.parse(real_webui_path(relative).read_text(encoding="utf-8"))
-
-
 def _assigned(tree: ast.Module, name: str) -> ast.AST:
     return next(node.value for node in tree.body if isinstance(node, ast.Assign)
                 and any(getattr(t, "id", None) == name for t in node.targets))
@@ -121,7 +117,7 @@ def _literal_entries(node: ast.AST) -> dict:
 def test_sampler_tables_equal_the_webuis():
     from modules import sd_samplers_kdiffusion, sd_samplers_timesteps
 
-    tree = _tree("modules/sd_samplers_kdiffusion.py")
+    tree = real_webui_source_tree("modules/sd_samplers_kdiffusion.py")
     real = _literal_entries(_assigned(tree, "samplers_k_diffusion"))
     for label, funcname, aliases, options in sd_samplers_kdiffusion.samplers_k_diffusion:
         assert real[label] == (repr(funcname), aliases, options), label
@@ -129,41 +125,15 @@ def test_sampler_tables_equal_the_webuis():
     for funcname, params in sd_samplers_kdiffusion.sampler_extra_params.items():
         assert real_extra[funcname] == params, funcname
 
-    real = _literal_entries(_assigned(_tree("modules/sd_samplers_timesteps.py"), "samplers_timesteps"))
+    real = _literal_entries(_assigned(real_webui_source_tree("modules/sd_samplers_timesteps.py"), "samplers_timesteps"))
     for label, function, aliases, options in sd_samplers_timesteps.samplers_timesteps:
         assert real[label] == (f"sd_samplers_timesteps_impl.{function.__name__}", aliases, options), label
-
-
-def _load_real_module(relative: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, real_webui_path(relative))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _real_functions(relative: str, names, namespace: dict) -> dict:
-    """The webui's own functions (``name`` or ``Class.method``), compiled from its source into ``namespace``."""
-    tree = _tree(relative)
-    found = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef):
-            found[node.name] = node
-        elif isinstance(node, ast.ClassDef):
-            found.update({f"{node.name}.{f.name}": f for f in node.body if isinstance(f, ast.FunctionDef)})
-    functions = {}
-    for name in names:
-        node = found[name]
-        node.decorator_list = []
-        code = compile(ast.Module(body=[node], type_ignores=[]), f"{relative}:{name}", "exec")
-        exec(code, namespace)  # noqa: S102 - the webui's own source, read from CD_WEBUI_DIR
-        functions[name] = namespace[node.name]
-    return functions
 
 
 @pytest.fixture
 def real_schedulers(webui):
     """The webui's ``modules/sd_schedulers.py`` itself, over the stand-in's ``shared``."""
-    return _load_real_module("modules/sd_schedulers.py", "webui_real_sd_schedulers")
+    return load_real_webui_module("modules/sd_schedulers.py", "webui_real_sd_schedulers")
 
 
 def test_schedulers_equal_the_webuis(webui, sd_model, real_schedulers):
@@ -192,7 +162,7 @@ def test_get_sigmas_is_the_webuis(webui, sd_model, real_schedulers, scheduler):
 
     opts = types.SimpleNamespace(always_discard_next_to_last_sigma=False, use_old_karras_scheduler_sigmas=False,
                                  sigma_min=0.0, sigma_max=0.0, rho=0.0)
-    real = _real_functions("modules/sd_samplers_kdiffusion.py", ["KDiffusionSampler.get_sigmas"],
+    real = real_webui_functions("modules/sd_samplers_kdiffusion.py", ["KDiffusionSampler.get_sigmas"],
                            {"torch": torch, "opts": opts, "sd_schedulers": real_schedulers, "devices": devices})
     for label, *_ in sd_samplers_kdiffusion.samplers_k_diffusion:
         sampler = sd_samplers.create_sampler(label, sd_model)
@@ -214,10 +184,10 @@ def test_ddim_loop_and_timesteps_are_the_webuis(webui, sd_model):
     from modules.torch_utils import float64
 
     opts = types.SimpleNamespace(always_discard_next_to_last_sigma=False)
-    real = _real_functions("modules/sd_samplers_timesteps_impl.py", ["ddim", "ddim_cfgpp"],
+    real = real_webui_functions("modules/sd_samplers_timesteps_impl.py", ["ddim", "ddim_cfgpp"],
                            {"torch": torch, "np": np, "tqdm": tqdm, "k_diffusion": k_diffusion,
                             "float64": float64})
-    real.update(_real_functions("modules/sd_samplers_timesteps.py", ["CompVisSampler.get_timesteps"],
+    real.update(real_webui_functions("modules/sd_samplers_timesteps.py", ["CompVisSampler.get_timesteps"],
                                 {"torch": torch, "opts": opts, "devices": devices}))
     sampler = sd_samplers.create_sampler("DDIM", sd_model)
     p = webui.txt2img(None, with_script=False)
@@ -249,7 +219,7 @@ def test_attention_optimisations_have_the_webuis_shape():
     import ldm.modules.attention as attention
     from modules import sd_hijack_optimizations as ours
 
-    tree = _tree("modules/sd_hijack_optimizations.py")
+    tree = real_webui_source_tree("modules/sd_hijack_optimizations.py")
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     for name in ("scaled_dot_product_attention_forward", "split_cross_attention_forward_invokeAI"):

@@ -1,4 +1,5 @@
-"""The merged attention of the reference-dropped rows (issue 6) equals the original's two attentions (method §6.3).
+"""The merged attention of the reference-dropped rows (our cheaper attention injection) equals the original's
+two attentions (method §6.3).
 
 The expected values are computed the original's way: the attention module called twice, once over the row's own
 tokens and once over ``[own ; bank]``, blended by φ after the output projection.

@@ -1,64 +1,98 @@
-"""Smoke test of the issue-6 benchmark (``python -m lib_colorize.bench --quick``).
+"""The benchmark (``python -m bench``): a smoke run, and the exact quantities it reports.
 
-Runs the whole bench in-process in its CI-sized mode (tiny U-Net at 128x128, the real Colorizer with a tiny random
-checkpoint and a tiny CLIP; the memory part spawns two subprocesses) and checks the machine-readable last line.
-Timing targets are NOT asserted: timings on shared CI machines are noise, and the figures of --quick mean nothing.
-Only exact quantities are asserted: encoder call counts, U-Net rows per step and FLOP counts (meta device).
+Timing targets are NOT asserted: timings on shared CI machines are noise, and the figures of the smoke run mean
+nothing. Asserted are the machine-readable last line of a smoke run and the quantities that are exact: encoder
+call counts, U-Net rows per step, FLOP counts of the released size (meta device, no compute), ours' equality with
+the original's injection, one memory worker subprocess, and an endurance run leaving nothing behind.
+
+Everything runs on one torch thread, as the bench does: two OpenMP threads crawl on a busy two-core machine.
 """
 from __future__ import annotations
 
 import json
 import math
 
-from lib_colorize import bench
+import pytest
+import torch
 
-RATIO_KEYS = [k for k in bench.JSON_KEYS if k.endswith("_ratio") or "_ratio_" in k]
+from bench import report
+from bench.__main__ import main
+from bench.endurance import endurance
+from bench.flops import config_flops, flop_ratios, meta_step_bench
+from bench.memory_workers import measure_memory
+from bench.sizes import SIZES
+from bench.steps import RATIO_TERMS, StepBench
+
+QUICK = SIZES["quick"]
 
 
-def test_json_keys_are_the_issue_keys():
-    assert bench.JSON_KEYS == (
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_json_keys_are_the_recorded_keys():
+    assert report.JSON_KEYS == (
         "dual_guidance_ratio", "hook_overhead_ratio", "injection_ratio_b1", "injection_ratio_b4",
         "injection_ratio_original_b1", "injection_ratio_original_b4", "sketch_encoder_calls",
         "reference_encoder_calls_repeat", "peak_memory_ratio")
-    assert len(RATIO_KEYS) == 7
+    assert tuple(RATIO_TERMS) == report.JSON_KEYS[:6]
 
 
-def test_quick_bench_ends_with_the_json_line(capsys):
-    assert bench.main(["--quick"]) == 0
+def test_smoke_run_ends_with_the_json_line(capsys):
+    assert main(["--quick", "--no-memory"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.strip().splitlines() if line.strip()]
     figures = json.loads(lines[-1])
-    assert list(figures) == list(bench.JSON_KEYS)
+    assert list(figures) == list(report.JSON_KEYS)
     assert figures["sketch_encoder_calls"] == 1
     assert figures["reference_encoder_calls_repeat"] == 0
-    for key in RATIO_KEYS:
+    for key in RATIO_TERMS:
         value = figures[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    assert math.isnan(figures["peak_memory_ratio"])   # --no-memory
     assert "## figures" in out   # the readable table comes before the JSON line
+    assert "command: python -m bench --quick" in out
+
+
+def test_memory_worker_runs_as_a_subprocess_from_anywhere(tmp_path, monkeypatch):
+    """The worker is ``python -m bench.memory_workers``: it finds both packages from another folder and without
+    PYTHONPATH, and reports a peak for every segment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    result = measure_memory(QUICK, torch.device("cpu"), torch.float32, threads=1, configs=("ours",),
+                            log=lambda s: None)["ours"]
+    assert result["config"] == "ours"
+    assert set(result["segments"]) == {"conditioning", "sampling", "decode"}
+    if result["method"] != "unavailable":
+        assert result["peak_bytes"] == max(result["segments"].values()) > 0
 
 
 def test_ours_equals_the_original_full_batch_pass():
-    """Ours (distinct rows, write pass stopped after the last bank write) gives the original's result."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as the bench does: two OpenMP threads crawl on a busy two-core machine
-    try:
-        step = bench.StepBench(bench.SIZES["quick"], torch.device("cpu"), torch.float32)
-        with torch.inference_mode():
-            for batch in (1, 4):
-                ours = step.configs[f"ours_b{batch}"].call()
-                original = step.configs[f"original_b{batch}"].call()
-                torch.testing.assert_close(ours, original, rtol=1e-4, atol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
+    """Ours (distinct rows, reference pass stopped after the last bank write) gives the original's result."""
+    step = StepBench(QUICK, torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        for batch in (1, 4):
+            ours = step.configs[f"ours_b{batch}"].call()
+            original = step.configs[f"original_b{batch}"].call()
+            torch.testing.assert_close(ours, original, rtol=1e-4, atol=1e-5)
 
 
-def test_arithmetic_floors_of_the_released_size():
-    """FLOPs counted on the meta device (no compute): dual guidance is exactly 1.5 plain CFG, the hooks add no
-    matmul work, and the distinct-rows reference pass is cheaper than the original's full-batch one."""
-    flops = bench.arithmetic(bench.SIZES["full"], 512)
-    figures = bench.arithmetic_figures(flops)
+@pytest.fixture(scope="module")
+def released_step_flops():
+    """The step configurations of the released U-Net at 512 px on the meta device, each called once while its
+    FLOPs are counted."""
+    step = meta_step_bench(SIZES["full"], 512)
+    return step, config_flops(step)
+
+
+def test_arithmetic_floors_of_the_released_size(released_step_flops):
+    """Dual guidance is exactly 1.5 plain CFG, the processors add no matmul work, and the distinct-rows reference
+    pass is cheaper than the original's full-batch one."""
+    figures = flop_ratios(released_step_flops[1])
     assert abs(figures["dual_guidance_ratio"] - 1.5) < 1e-9
     assert figures["hook_overhead_ratio"] == 1.0
     assert figures["injection_ratio_b1"] < figures["injection_ratio_original_b1"]
@@ -67,37 +101,17 @@ def test_arithmetic_floors_of_the_released_size():
     assert figures["injection_ratio_b4"] / figures["injection_ratio_original_b4"] <= 0.85
 
 
-def test_rows_per_step():
-    import torch
-
-    step = bench.StepBench(bench.SIZES["quick"], torch.device("meta"), torch.float32, unet=_meta_unet())
-    with torch.no_grad():
-        for config in step.configs.values():
-            config.call()
-    rows = {name: config.rows_per_step() for name, config in step.configs.items()}
+def test_rows_per_step(released_step_flops):
+    rows = {name: config.rows_per_step() for name, config in released_step_flops[0].configs.items()}
     assert rows == {"plain3": 3, "hooked3": 3, "cfg2": 2, "off_b1": 3, "ours_b1": 5, "original_b1": 6,
                     "off_b4": 12, "ours_b4": 20, "original_b4": 24}
 
 
-def _meta_unet():
-    import torch
-
-    from lib_colorize.models import UNetConfig, UNetModel
-
-    dims = bench.bench_dims(bench.SIZES["quick"])
-    with torch.device("meta"):
-        return UNetModel(UNetConfig(model_channels=dims.model_channels, context_dim=dims.context_dim)).eval()
-
-
-def test_endurance_mode_leaves_no_hooks_and_bounds_the_cache(tmp_path):
-    """Issue 7 endurance, smoke-sized: varied generations leave no hook behind and the token cache stays
-    bounded. Memory growth is reported by `python -m lib_colorize.bench --endurance 50`, not asserted here."""
-    import torch
-
-    from lib_colorize.bench import endurance
-
+def test_endurance_leaves_no_processors_and_bounds_the_cache(tmp_path):
+    """Smoke-sized: varied generations leave no processor set installed and the token cache stays bounded.
+    Memory growth is reported by ``python -m bench --endurance 50``, not asserted here."""
     result = endurance(10, str(tmp_path), torch.device("cpu"), log=lambda *a: None)
     assert result["generations"] == 10
     assert result["max_live_hooks_between"] == 0
-    assert result["token_cache_entries"] <= 8
+    assert result["token_cache_entries"] == 8   # ten references, eight kept
     assert result["rss_mib_end"] > 0

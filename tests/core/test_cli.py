@@ -1,54 +1,20 @@
 """The command line end to end on a small random checkpoint in the released key layout and a small open_clip
 architecture: single file, folder of three (one unreadable), outputs (size, crop, metadata), determinism,
-resume / overwrite rules, --from-infotext, exit codes, and one run as a real subprocess."""
+resume / overwrite rules, --from-infotext, exit codes. ``test_cli_user.py`` runs it as a user does, as a
+subprocess."""
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lib_colorize.cli import main
-from lib_colorize.testing.checkpoints import make_checkpoint
-from lib_colorize.testing.clip import TINY_CLIP_CONFIG, TINY_CLIP_NAME, make_tiny_clip_weights, register_tiny_clip
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def draw_sketch(path: Path, size=(96, 64), seed=0) -> Path:
-    """Black strokes on white paper."""
-    rng = np.random.default_rng(seed)
-    pixels = np.full((size[1], size[0], 3), 255, np.uint8)
-    for _ in range(6):
-        y = rng.integers(0, size[1])
-        pixels[y:y + 2, :] = 0
-        x = rng.integers(0, size[0])
-        pixels[:, x:x + 2] = 0
-    Image.fromarray(pixels).save(path)
-    return path
-
+from lib_colorize.testing.cli import draw_sketch, make_cli_files
+from lib_colorize.testing.clip import TINY_CLIP_NAME
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    register_tiny_clip()
-    clip_weights = make_tiny_clip_weights(str(root / "tiny_clip.bin"))
-    config = root / f"{TINY_CLIP_NAME}.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    checkpoint = make_checkpoint(root / "mult-eps-ft.safetensors", version="v1", size="tiny",
-                                 context_dim=TINY_CLIP_CONFIG["embed_dim"])
-    reference = root / "reference.png"
-    colours = np.zeros((80, 80, 3), np.uint8)
-    colours[:, :40] = (220, 40, 40)
-    colours[:, 40:] = (40, 90, 220)
-    Image.fromarray(colours).save(reference)
-    return {"checkpoint": str(checkpoint), "clip_weights": str(clip_weights), "clip_config": str(config),
-            "reference": str(reference), "root": root}
+    return make_cli_files(tmp_path_factory.mktemp("models"))
 
 
 def base_args(models, sketch, out, *extra):
@@ -56,6 +22,13 @@ def base_args(models, sketch, out, *extra):
             "--out", str(out), "--clip-arch", TINY_CLIP_NAME, "--clip-weights", models["clip_weights"],
             "--models-dir", str(models["root"]), "--offline", "--device", "cpu", "--steps", "2",
             "--sampler", "Euler", "--seed", "42", *extra]
+
+
+def infotext_args(models, sketch, out, result_png):
+    """Only the files, the machine and ``--from-infotext``: everything else comes from the result's parameters."""
+    return ["--checkpoint", models["checkpoint"], "--reference", models["reference"], "--sketch", str(sketch),
+            "--out", str(out), "--clip-arch", TINY_CLIP_NAME, "--clip-weights", models["clip_weights"],
+            "--models-dir", str(models["root"]), "--offline", "--device", "cpu", "--from-infotext", str(result_png)]
 
 
 def test_single_file_size_metadata_and_determinism(models, tmp_path, capsys):
@@ -94,13 +67,33 @@ def test_from_infotext_reproduces_the_result(models, tmp_path):
                           "[target] red hair; [anchor] none; [control] hair; [scale] 2.0; [enhanced] False; "
                           "[ts0] 0.5; [ts1] 0.55; [ts2] 0.65; [ts3] 0.95")) == 0
     again = tmp_path / "again.png"
-    args = ["--checkpoint", models["checkpoint"], "--reference", models["reference"], "--sketch", str(sketch),
-            "--out", str(again), "--clip-arch", TINY_CLIP_NAME, "--clip-weights", models["clip_weights"],
-            "--models-dir", str(models["root"]), "--offline", "--device", "cpu", "--from-infotext", str(first)]
-    assert main(args) == 0
+    assert main(infotext_args(models, sketch, again, first)) == 0
     with Image.open(first) as a, Image.open(again) as b:
         assert np.array_equal(np.asarray(a), np.asarray(b))
         assert "CD injection: True" in b.info["parameters"]
+
+
+def test_every_webui_sampler_and_schedule_is_listed_and_an_sde_result_reproduces(models, tmp_path, capsys):
+    """``--help`` lists the webui's samplers and schedule types; DPM++ 3M SDE (the original app's default, with
+    its Brownian-tree noise) runs from the command line and ``--from-infotext`` gives the same image again."""
+    from lib_colorize.samplers import SAMPLERS, SCHEDULES
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("DPM++ 3M SDE", "DPM++ SDE", "Heun", "LMS", "DPM2", "DPM2 a", *SAMPLERS, *SCHEDULES):
+        assert name in text, name
+    sketch = draw_sketch(tmp_path / "page.png", seed=4)
+    first = tmp_path / "first.png"
+    assert main(base_args(models, sketch, first, "--width", "64", "--height", "64", "--sampler", "DPM++ 3M SDE",
+                          "--schedule", "Karras")) == 0
+    again = tmp_path / "again.png"
+    assert main(infotext_args(models, sketch, again, first)) == 0
+    with Image.open(first) as a, Image.open(again) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert "Sampler: DPM++ 3M SDE" in b.info["parameters"] and "Schedule type: Karras" in b.info["parameters"]
+    assert main(base_args(models, sketch, tmp_path / "bad.png", "--height", "64", "--schedule", "Cosine")) == 2
+    assert "Align Your Steps" in capsys.readouterr().err
 
 
 def test_folder_run_reports_failures_resumes_and_never_overwrites(models, tmp_path, capsys):
@@ -147,22 +140,10 @@ def test_offline_missing_checkpoint_names_file_and_folder(models, tmp_path, caps
     assert "switch-eps.safetensors" in err and "Stable-diffusion" in err
 
 
-def test_cli_as_a_subprocess_like_a_user(models, tmp_path):
-    sketch = draw_sketch(tmp_path / "page.png", seed=5)
-    out = tmp_path / "sub.png"
-    args = base_args(models, sketch, out, "--width", "64", "--height", "64", "--return-sketch")
-    args[args.index(TINY_CLIP_NAME)] = models["clip_config"]   # an open_clip config file registers the arch
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "lib_colorize", *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert out.exists() and (tmp_path / "sub-sketch.png").exists()
-
-
 @pytest.mark.parametrize("extractor", ["lineart_standard", "lineart_keras"])
 def test_coloured_image_with_extract_goes_through_the_cli(models, tmp_path, extractor):
-    """Issue 5: a coloured image as the sketch, cleaned up by a line extractor, end to end. The learned
-    extractor gets random weights in its public key layout, placed where users put the real file."""
+    """A coloured image as the sketch (the "extract" preprocessor), cleaned up by a line extractor, end to end.
+    The learned extractor gets random weights in its public key layout, placed where users put the real file."""
     import torch
 
     from lib_colorize.extractors import EXTRACTORS, unload_extractors

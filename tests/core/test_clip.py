@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lib_colorize.weights import store as weights_store
 from lib_colorize.errors import CheckpointError, InvalidInput, MissingWeights
 from lib_colorize.models import clip as clip_mod
 from lib_colorize.models.clip import (
@@ -393,14 +394,19 @@ def test_download_path(tmp_path, monkeypatch, weights_path):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
     models_dir = tmp_path / "clip"
     path = resolve_clip_weights(models_dir=str(models_dir))
-    assert calls == [(HF_REPO_VIT_H, HF_FILENAME, str(models_dir))]
-    assert path == str(models_dir / HF_FILENAME)
+    assert [(repo, name) for repo, name, _ in calls] == [(HF_REPO_VIT_H, HF_FILENAME)]
+    assert Path(calls[0][2]).is_relative_to(models_dir)   # fetched into a staging folder of the models folder...
+    assert path == str(models_dir / HF_FILENAME)          # ...then given its final name; no staging left behind
+    assert sorted(p.name for p in models_dir.iterdir()) == [HF_FILENAME]
     # second time the file is found locally, no download
     assert resolve_clip_weights(models_dir=str(models_dir)) == path and len(calls) == 1
-    # the same path through load_clip (tiny arch posing as a downloadable tag)
-    monkeypatch.setattr(clip_mod, "hf_source", lambda arch, pretrained: (HF_REPO_VIT_H, HF_FILENAME))
+    # the same path through load_clip (tiny arch posing as one with the ViT-H download source)
+    from lib_colorize import weights
+
+    monkeypatch.setattr(clip_mod.loading, "clip_weight_file", lambda arch, pretrained: weights.CLIP_VIT_H)
     enc = load_clip(TINY_CLIP_NAME, models_dir=str(tmp_path / "other"), towers=("text",))
     assert enc.reference is None and enc.weights_path == str(tmp_path / "other" / HF_FILENAME)
     assert enc.text.encode(["x"]).shape == (1, 1, TINY_CLIP_CONFIG["embed_dim"])
@@ -414,17 +420,52 @@ def test_download_failure_is_missing_weights(tmp_path, monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", boom)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
     with pytest.raises(MissingWeights) as e:
         resolve_clip_weights(models_dir=str(tmp_path))
     assert "no route to host" in str(e.value) and HF_FILENAME in str(e.value)
 
 
 def test_models_dir_lookup_and_safetensors(tmp_path, encoders, no_download):
-    path = make_tiny_clip_weights(str(tmp_path / "open_clip_pytorch_model.safetensors"), seed=3)
+    """An architecture other than ViT-H-14 has its own file name, so it never picks up the ViT-H file."""
+    make_tiny_clip_weights(str(tmp_path / "open_clip_pytorch_model.safetensors"), seed=3)
+    with pytest.raises(MissingWeights, match=f"open_clip_{TINY_CLIP_NAME}.safetensors"):
+        load_clip(TINY_CLIP_NAME, models_dir=str(tmp_path))
+    path = make_tiny_clip_weights(str(tmp_path / f"open_clip_{TINY_CLIP_NAME}.safetensors"), seed=3)
     enc = load_clip(TINY_CLIP_NAME, models_dir=str(tmp_path))
     assert enc.weights_path == path
     img = _image(7, 224, 224)
     assert torch.equal(enc.reference.encode_full(img), encoders.reference.encode_full(img))
+
+
+def test_only_the_requested_tower_is_built_and_nothing_is_initialised(weights_path, monkeypatch):
+    """Loading the image tower builds no text tower and runs no random initialisation on real memory: the
+    tensors are assigned straight from the file."""
+    import open_clip.model
+
+    from lib_colorize.module_info import parameter_bytes
+
+    def no_text_tower(*args, **kwargs):
+        raise AssertionError("the text tower was built")
+
+    real_memory_inits = []
+    original_normal = torch.nn.init.normal_
+
+    def normal_(tensor, *args, **kwargs):
+        if not tensor.is_meta:
+            real_memory_inits.append(tuple(tensor.shape))
+        return original_normal(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(open_clip.model, "_build_text_tower", no_text_tower)
+    monkeypatch.setattr(torch.nn.init, "normal_", normal_)
+    loaded = load_clip(TINY_CLIP_NAME, weights=weights_path, towers=("visual",))
+    assert loaded.text is None and real_memory_inits == []
+    stored = torch.load(weights_path, weights_only=True)
+    visual_bytes = sum(v.numel() * v.element_size() for k, v in stored.items() if k.startswith("visual."))
+    assert loaded.parameter_bytes() == {"visual": visual_bytes, "text": 0}
+    assert parameter_bytes(loaded.reference) == visual_bytes
+    for key, value in loaded.reference.visual.state_dict().items():
+        assert torch.equal(value, stored["visual." + key]), key
 
 
 def test_bad_weight_files(tmp_path, weights_path):

@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lib_colorize.weights import store as weights_store
 from lib_colorize import extractors as ex
 from lib_colorize.errors import CheckpointError, InvalidInput, MissingWeights
-from lib_colorize.extractors import anime2sketch, erika, sketch_keras, weights
+from lib_colorize.extractors import anime2sketch, erika, sketch_keras
 
 torch.set_num_threads(1)
 
@@ -61,7 +62,8 @@ def test_registry_names_and_sources():
     keras = ex.EXTRACTORS["lineart_keras"]
     assert keras.source_url == "https://huggingface.co/tellurion/line_extractor/resolve/main/model.pth"
     assert keras.weight_file == "sketchKeras.pth"
-    assert weights.DEFAULT_MODELS_DIR == Path(ex.__file__).resolve().parents[2] / "models" / "ColorizeDiffusion"
+    assert keras.weights.folder == "ColorizeDiffusion" and keras.weights.accepted_names == ("sketchKeras.pth",
+                                                                                          "sketchKeras.safetensors")
 
 
 @pytest.mark.parametrize("name", ["nope", "", "../netG", "netG.pth", None, "LINEART"])
@@ -285,7 +287,7 @@ def test_learned_extractor_loads_and_runs(name, prefix, wrap, drop, tmp_path, mo
     source = _randomise(module.build_network())
     spec = ex.EXTRACTORS[name]
     _save(source.state_dict(), tmp_path / spec.weight_file, prefix=prefix, wrap=wrap, drop_counters=drop)
-    assert weights.find_weights(spec, tmp_path) == tmp_path / spec.weight_file
+    assert ex.find_weights(name, tmp_path) == tmp_path / spec.weight_file
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", _no_network)
@@ -356,6 +358,7 @@ def test_download_into_models_dir(tmp_path, monkeypatch):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(weights_store, "unreachable", lambda endpoint=None: None)   # the fake hub is up
     out = ex.extract_lines("lineart_keras", _line_image(32), 32, models_dir=tmp_path / "models")
     assert calls == [("tellurion/line_extractor", "model.pth")]
     assert out.shape == (1, 3, 32, 32)

@@ -74,20 +74,52 @@ def test_distinct_row_injection_equals_the_original_full_batch_pass(tmp_path, cl
     assert not torch.allclose(plain.latents, ours.latents)
 
 
-@pytest.mark.parametrize("injection", [False, True])
-def test_batch_image_equals_the_single_generation_of_its_seed_bit_for_bit(tmp_path, clip, injection):
+@pytest.mark.parametrize("sampler,injection", [("Euler a", False), ("Euler a", True), ("DPM2 a", False),
+                                               ("DPM++ SDE", False), ("DPM++ 3M SDE", True)])
+def test_batch_image_equals_the_single_generation_of_its_seed_bit_for_bit(tmp_path, clip, sampler, injection):
     """Image i of a batch is the generation of seed ``seed + i`` alone: its own initial noise, per-step noise
-    (Euler a), injection latent and ε, and the shapes (so the kernels) of a batch of one."""
+    (the ancestral samplers' generator stream, the SDE samplers' Brownian tree seeded ``seed + i``), injection
+    latent and ε, and the shapes (so the kernels) of a batch of one."""
     colorizer = colorizer_for(tmp_path, clip)
     opts = options(injection=injection, injection_reference_fidelity=0.6)
-    batch = colorizer.colorize(opts, SamplingOptions(sampler="Euler a", steps=3, seed=11, width=64, height=64,
+    batch = colorizer.colorize(opts, SamplingOptions(sampler=sampler, steps=3, seed=11, width=64, height=64,
                                                      batch_size=3))
     for i in range(3):
-        single = colorizer.colorize(opts, SamplingOptions(sampler="Euler a", steps=3, seed=11 + i, width=64,
+        single = colorizer.colorize(opts, SamplingOptions(sampler=sampler, steps=3, seed=11 + i, width=64,
                                                           height=64, batch_size=1))
         assert torch.equal(batch.latents[i:i + 1], single.latents), f"image {i}"
         assert batch.images[i].tobytes() == single.images[0].tobytes()
     assert not torch.equal(batch.latents[0], batch.latents[1])
+
+
+def test_sde_samplers_get_the_webuis_schedule_and_brownian_noise(tmp_path, clip, monkeypatch):
+    """DPM++ 3M SDE runs on the webui's sigmas for it (exponential, one step more with the next-to-last dropped)
+    with a Brownian tree per image seeded with the image's seed; the noise decides the image."""
+    import lib_colorize.samplers as samplers
+
+    colorizer = colorizer_for(tmp_path, clip)
+    seen = {}
+    info = samplers.SAMPLERS["DPM++ 3M SDE"]
+
+    def recording(model, x, sigmas, **kwargs):
+        seen.update(x=x, sigmas=sigmas, **kwargs)
+        return info.func(model, x, sigmas, **kwargs)
+
+    monkeypatch.setitem(samplers.SAMPLERS, "DPM++ 3M SDE", info._replace(func=recording))
+    sampling = SamplingOptions(sampler="DPM++ 3M SDE", steps=4, seed=21, width=64, height=64, batch_size=2)
+    result = colorizer.colorize(options(), sampling)
+    assert torch.equal(seen["sigmas"].cpu(), info.sigmas(colorizer.schedule, 4))
+    assert "generator" not in seen
+    expected = samplers.brownian_tree_noise_sampler(seen["x"], seen["sigmas"], [21, 22])
+    sigma, sigma_next = seen["sigmas"][1], seen["sigmas"][2]
+    assert torch.equal(seen["noise_sampler"](sigma, sigma_next), expected(sigma, sigma_next))
+    monkeypatch.setitem(samplers.SAMPLERS, "DPM++ 3M SDE", info)
+    other_noise = colorizer.colorize(options(), SamplingOptions(sampler="DPM++ 3M SDE", steps=4, seed=21, width=64,
+                                                                height=64, batch_size=2))
+    assert torch.equal(other_noise.latents, result.latents)
+    monkeypatch.setitem(samplers.SAMPLERS, "DPM++ 3M SDE", info._replace(noise="generator"))
+    per_step = colorizer.colorize(options(), sampling)
+    assert not torch.allclose(per_step.latents, result.latents, atol=1e-3), "the Brownian noise must matter"
 
 
 def test_v_parameterization_model_runs_and_differs_from_eps(tmp_path, clip):

@@ -94,6 +94,15 @@ def test_round_to_multiple_of_64_and_default_size():
         check_resolution(w, h)
 
 
+def test_one_given_side_keeps_the_sketch_aspect_for_the_other():
+    assert default_size_for((1600, 900), width=1024) == (1024, 576)      # 1024 * 900/1600 = 576
+    assert default_size_for((600, 900), height=768) == (512, 768)        # 768 * 600/900 = 512
+    assert default_size_for((1000, 1000), width=320) == (320, 320)
+    assert default_size_for((700, 1000), width=128) == (128, 192)        # 182.9 -> 192
+    assert default_size_for((10, 4000), width=64) == (64, 2048)          # kept within max_side
+    assert default_size_for((1600, 900), width=256, height=640) == (256, 640)
+
+
 # ---------------------------------------------------------------------------------------- sketch (§8.2)
 SKETCH_SIZES = [(1000, 500), (300, 600), (400, 400), (513, 341)]   # landscape, portrait, square, odd
 CANVASES = [(512, 512), (768, 512), (512, 768)]                    # (H, W)

@@ -83,6 +83,7 @@ class State:
         self.sampling_steps = 0
         self.current_latent = None
         self.job_count = 0
+        self.textinfo = None
 
     def interrupt(self):
         self.interrupted = True
