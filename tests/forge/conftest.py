@@ -42,3 +42,24 @@ def colorize(checkpoint_file):
     model.release_colorize_model()
     yield model.load_colorize_model(checkpoint_file)
     model.release_colorize_model()
+
+
+_built: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def built_once(monkeypatch):
+    """Forge models of a file are built once per session (the adapter's own caching and release still run: only
+    the construction is shared; nothing in them changes between tests, and the tests check no hook is left)."""
+    from cd_forge import model
+
+    def once(name, build):
+        def cached(path, *args):
+            key = (name, path) + args
+            if key not in _built:
+                _built[key] = build(path, *args)
+            return _built[key]
+        return cached
+
+    for name in ("build_unet", "build_vae", "build_sketch_encoder"):
+        monkeypatch.setattr(model, name, once(name, getattr(model, name)))
