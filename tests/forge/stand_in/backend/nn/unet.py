@@ -11,14 +11,15 @@ arguments, ldm module names, and Forge's call contract (forge-integration §5.2)
 * ``CrossAttention.forward(x, context=None, value=None, mask=None, transformer_options={})`` projects, attends
   (``backend.attention.attention_function``) and applies ``to_out`` (``Linear`` + ``Dropout``).
 
-The ResBlocks and resampling layers are lib_colorize's ldm-named ones.
+The ResBlocks, feed-forward and resampling layers are lib_colorize's ldm-named ones.
 """
 import torch
 from torch import nn
 
 from backend.attention import attention_function
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from lib_colorize.models.unet import Downsample, ResBlock, TimestepBlock, Upsample, timestep_embedding
+from lib_colorize.models.unet import (Downsample, FeedForward, ResBlock, TimestepBlock, Upsample,
+                                      timestep_embedding)
 
 
 class CrossAttention(nn.Module):
@@ -36,25 +37,6 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         value = context if value is None else value
         return self.to_out(attention_function(self.to_q(x), self.to_k(context), self.to_v(value), self.heads, mask))
-
-
-class GEGLU(nn.Module):
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
-
-    def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * torch.nn.functional.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim, mult=4):
-        super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
