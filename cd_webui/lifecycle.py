@@ -115,14 +115,17 @@ def _pop_infotext(p) -> None:
             params.pop(key, None)
 
 
-def process(p, *args) -> None:
-    """Resolve options, write infotext, validate and prepare; errors are raised later from ``p.sample``."""
+def process(p, *args, prepare=None, state_type=None) -> None:
+    """Resolve options, write infotext, validate and prepare; errors are raised later from ``p.sample``.
+
+    ``prepare(p, state)`` and ``state_type`` are the host's (the Forge adapter passes its own); by default this
+    webui's :func:`_prepare` and :class:`GenerationState`."""
     from lib_colorize.infotext import options_to_infotext
 
     from .args import parse_script_args
 
     _pop_infotext(p)
-    state = GenerationState(is_img2img=is_img2img(p))
+    state = (state_type or GenerationState)(is_img2img=is_img2img(p))
     try:
         options = parse_script_args(args, p, is_img2img=state.is_img2img)
     except Exception as error:  # noqa: BLE001 - reported through p.sample when enabled
@@ -140,7 +143,7 @@ def process(p, *args) -> None:
     _wrap_sample(p, state)
     p.extra_generation_params.update(options_to_infotext(options))
     try:
-        _prepare(p, state)
+        (prepare or _prepare)(p, state)
     except Exception as error:  # noqa: BLE001 - raised from p.sample (the runner would swallow it here)
         state.error = error
 
@@ -179,12 +182,18 @@ def _unet_dtype(unet) -> torch.dtype:
 
 def _prepare(p, state: GenerationState) -> None:
     """Validation and everything that does not depend on the sampling size (once per generation)."""
-    from lib_colorize.preprocess import prepare_reference
-
-    options = state.options
     _check_supported(p)
     sd_model, unet = _unet_of(p)
     model.require_colorize_model(sd_model)
+    prepare_conditioning(state, unet)
+
+
+def prepare_conditioning(state: GenerationState, unet, dtype: Optional[torch.dtype] = None) -> None:
+    """The sketch check, the cross-attention scales and the reference tokens (for ``unet``, in ``dtype``: by
+    default its parameters'), on any host."""
+    from lib_colorize.preprocess import prepare_reference
+
+    options = state.options
     if options.sketch is None:
         raise InvalidInput("sketch", "ColorizeDiffusion is enabled but no sketch was given")
     state.scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
@@ -195,7 +204,7 @@ def _prepare(p, state: GenerationState) -> None:
                                            model.encode_text if manipulations else None,
                                            context_dim=_context_dim(unet))
     # the compute device, not the U-Net's parameters' (under --lowvram those wait on the CPU between calls)
-    state.tokens = tokens.to(device=model.compute_device(), dtype=_unet_dtype(unet))
+    state.tokens = tokens.to(device=model.compute_device(), dtype=dtype or _unet_dtype(unet))
 
 
 # ------------------------------------------------------------------------------------------- p.sample wrapper
@@ -275,20 +284,32 @@ def batch_seeds(p, batch: int) -> list:
 
 
 def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, x) -> None:
-    from lib_colorize.preprocess import prepare_sketch, reference_for_injection, tensor_to_images
-
-    options = state.options
     sd_model, unet = _unet_of(p)
     if x is None:
         raise RuntimeError("ColorizeDiffusion: process_before_every_sampling got no latent")
+    from modules import devices
+
+    # x lives where the U-Net computes (also under --lowvram)
+    plan, processors = prepare_pass(p, state, x, unet, model.sketch_encoder(sd_model), sd_model.encode_first_stage,
+                                    vae_dtype=getattr(devices, "dtype_vae", torch.float32),
+                                    device=x.device, dtype=_unet_dtype(unet))
+    context.plan, context.processors = plan, processors
+
+
+def prepare_pass(p, state: GenerationState, x, unet, encoder, vae_encode, *, vae_dtype: torch.dtype,
+                 device: torch.device, dtype: torch.dtype):
+    """One sampling pass's plan at the size of its latent ``x``, and the processors installed on ``unet``, on any
+    host: the sketch (and the injection inputs: ``vae_encode`` maps NCHW [-1, 1] to a posterior) through
+    ``encoder``, hints and latents in ``dtype`` on ``device``. Returns ``(plan, processors)``."""
+    from lib_colorize.preprocess import prepare_sketch, reference_for_injection, tensor_to_images
+
+    options = state.options
     height, width = int(x.shape[-2]) * 8, int(x.shape[-1]) * 8
-    device, dtype = x.device, _unet_dtype(unet)  # x lives where the U-Net computes (also under --lowvram)
     extractor = _extractor(options) if options.sketch_mode == "extract" else None
     sketch, box = prepare_sketch(options.sketch, options.sketch_mode, (height, width), extractor)
     injection_reference = None
     if options.injection and options.reference is not None:
         injection_reference = reference_for_injection(options.reference, (height, width))
-    encoder = model.sketch_encoder(sd_model)
     with model.on_device(encoder):
         sketch_hints, blank_hints, injection_hints = conditioning.encode_sketch_hints(
             encoder, sketch.to(model.compute_device()), options.sketch_strength, injection_reference,
@@ -299,10 +320,8 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
 
     injection = None
     if injection_reference is not None:
-        from modules import devices
-
-        vae_input = injection_reference.to(device=device, dtype=getattr(devices, "dtype_vae", torch.float32))
-        injection = conditioning.build_injection(options, sd_model.encode_first_stage, vae_input,
+        vae_input = injection_reference.to(device=device, dtype=vae_dtype)
+        injection = conditioning.build_injection(options, vae_encode, vae_input,
                                                  to_unet(injection_hints), batch_seeds(p, int(x.shape[0])),
                                                  dtype=dtype, device=device)
     plan = conditioning.build_plan(options, sketch_hints=to_unet(sketch_hints), blank_hints=to_unet(blank_hints),
@@ -310,12 +329,12 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
     processors = unet_processors.for_generation(unet, layer_scales=state.scales,
                                                 injection=injection is not None).install()
     state.processors = processors
-    context.plan, context.processors = plan, processors
     state.passes += 1
     if state.first_size is None:
         state.first_size, state.box = (width, height), box
         if options.return_sketch:
             state.sketch_preview = tensor_to_images(sketch)[0]
+    return plan, processors
 
 
 # ------------------------------------------------------------------------------------------------ postprocess

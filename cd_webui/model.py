@@ -267,6 +267,11 @@ def sketch_encoder(sd_model=None):
     return encoder
 
 
+#: A host's own way to bring a module to the compute device: ``placement(module, offload)`` returns a context
+#: manager (the Forge adapter's hands our modules to Forge's memory manager). None: :class:`on_device` moves them.
+placement: Optional[Callable] = None
+
+
 class on_device:
     """``with on_device(module):`` -- the module on the compute device inside, back on the CPU afterwards when
     ``offload`` (default: under --lowvram/--medvram)."""
@@ -274,8 +279,11 @@ class on_device:
     def __init__(self, module: torch.nn.Module, offload: Optional[bool] = None):
         self.module = module
         self.offload = lowvram_active() if offload is None else offload
+        self.hosted = placement(module, self.offload) if placement is not None else None
 
     def __enter__(self):
+        if self.hosted is not None:
+            return self.hosted.__enter__()
         device = compute_device()
         if module_device(self.module) != device:
             if self.offload:
@@ -284,6 +292,8 @@ class on_device:
         return self.module
 
     def __exit__(self, *exc):
+        if self.hosted is not None:
+            return self.hosted.__exit__(*exc)
         if self.offload and compute_device().type != "cpu":
             self.module.to("cpu")
 

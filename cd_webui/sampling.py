@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from lib_colorize.denoiser import GenerationPlan, guided_call
+from lib_colorize.denoiser import GenerationPlan, guided_call, sigma_noised_reference
 from lib_colorize.processors import ProcessorSet
 
 
@@ -79,9 +79,7 @@ def make_noised_reference(denoiser):
             a = alphas[index].to(device=latent.device, dtype=torch.float32).view(-1, 1, 1, 1)
             return (a.sqrt() * latent.float() + (1 - a).sqrt() * noise.float()).to(latent.dtype)
     else:
-        def noised(latent: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-            s = sigma.reshape(-1)[:1].to(device=latent.device, dtype=torch.float32).view(-1, 1, 1, 1)
-            return (latent.float() + s * noise.float()).to(latent.dtype)
+        noised = sigma_noised_reference
     return noised
 
 

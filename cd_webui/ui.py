@@ -177,13 +177,20 @@ def _tab_name(script, is_img2img: bool) -> str:
     return "img2img" if is_img2img else "txt2img"
 
 
-def build_ui(script, is_img2img: bool) -> list:
-    """Create the accordion inside the current gradio Blocks; return its inputs in :data:`UI_ORDER`."""
+def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Optional[Callable] = None) -> list:
+    """Create the accordion inside the current gradio Blocks; return its inputs in :data:`UI_ORDER`.
+
+    A host adapter adds its own controls with ``host_controls(script, is_img2img)``, called inside the accordion
+    below the ``notice``: it returns ``(components, infotext_fields)``; the components follow the
+    :data:`UI_ORDER` ones in the returned list (and the positional API)."""
     c: dict[str, Any] = {}
     levels = LevelScales()
+    host_components, host_fields = [], []
     with InputAccordion(False, label=TITLE, elem_id=script.elem_id("enabled")) as enabled:
         c["enabled"] = enabled
-        gr.HTML(f'<p class="cd-notice">{NOTICE}</p>', elem_id=script.elem_id("notice"))
+        gr.HTML(f'<p class="cd-notice">{notice}</p>', elem_id=script.elem_id("notice"))
+        if host_controls is not None:
+            host_components, host_fields = host_controls(script, is_img2img)
 
         with gr.Row(elem_classes="cd-images"):
             c["sketch"] = gr.Image(label="Sketch (line art)", type="pil", source="upload", image_mode="RGBA",
@@ -314,5 +321,6 @@ def build_ui(script, is_img2img: bool) -> list:
 
     # ---------------------------------------------------------------------------------- infotext / paste
     script.infotext_fields = [(c[slot], _paste_target(slot)) for slot in UI_ORDER if slot != USE_INIT_IMAGE_SLOT]
+    script.infotext_fields += list(host_fields)
     script.paste_field_names = [target for _, target in script.infotext_fields]
-    return [c[slot] for slot in UI_ORDER]
+    return [c[slot] for slot in UI_ORDER] + list(host_components)

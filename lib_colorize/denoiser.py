@@ -1,6 +1,7 @@
 """The dual-guidance denoiser call over a U-Net with the generation's processors (method §5, §6.2), for every host.
 
-A host (the host-free pipeline, or the webui's ``CFGDenoiser``) gives :func:`guided_call` three things:
+A host (the host-free pipeline, the webui's ``CFGDenoiser``, Forge's model function wrapper) gives
+:func:`guided_call` (or :func:`evaluate_rows`, when the host combines the rows itself) three things:
 
 * ``inner_model(x_in, sigma_in, context) -> output``: one batched evaluation of its model wrapper
   (k-diffusion denoiser returning x0, or a timestep model returning eps). The rows of a call belong to one image
@@ -36,6 +37,13 @@ from .processors.injection import MIN_FIDELITY
 
 InnerModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NoisedReference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sigma_noised_reference(latent: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The injection pass's input ``r + σ ε`` for a host whose model takes k-diffusion inputs (method §6.2),
+    computed in float32 and returned in the latent's dtype."""
+    s = sigma.reshape(-1)[:1].to(device=latent.device, dtype=torch.float32).view(-1, 1, 1, 1)
+    return (latent.float() + s * noise.float()).to(latent.dtype)
 
 
 @dataclass
@@ -162,18 +170,16 @@ def image_rows(plan: GenerationPlan, processors: ProcessorSet, inner_model: Inne
 
 
 @torch.no_grad()
-def guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_model: InnerModel, x: torch.Tensor,
-                sigma: torch.Tensor, t: "float | torch.Tensor", noised_reference: Optional[NoisedReference] = None,
-                batch_together: bool = True,
-                observe: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
-    """One guided denoiser evaluation ``D(x, σ)`` with ColorizeDiffusion's dual guidance (method §5.3).
+def evaluate_rows(plan: GenerationPlan, processors: ProcessorSet, inner_model: InnerModel, x: torch.Tensor,
+                  sigma: torch.Tensor, t: "float | torch.Tensor", noised_reference: Optional[NoisedReference] = None,
+                  batch_together: bool = True) -> tuple[tuple, torch.Tensor]:
+    """The U-Net outputs of one denoiser evaluation, before guidance: ``(roles, outputs)`` with ``outputs`` the
+    rows ``[role0 × bs, role1 × bs, ...]`` of the row groups that needed an evaluation (:func:`evaluated_roles`).
 
-    ``x``: (bs, 4, h, w) in the host's space; ``sigma``: (bs,) or scalar. Returns (bs, 4, h, w) combined.
-
-    Each image of the batch is evaluated on its own, with the shapes of a generation of that image alone: the same
-    kernels then give it bit for bit, whatever the batch (the row groups of one image stay in one call).
-    ``observe`` sees the main rows' outputs ``[role0 × bs, role1 × bs, ...]`` (not the injection's reference
-    pass) before they are combined; in-place edits count.
+    ``x``: (bs, 4, h, w) in the host's space; ``sigma``: (bs,) or scalar. Each image of the batch is evaluated on
+    its own, with the shapes of a generation of that image alone: the same kernels then give it bit for bit,
+    whatever the batch (the row groups of one image stay in one call). The injection's reference pass runs first
+    when due.
     """
     batch = x.shape[0]
     sigma = sigma.reshape(-1).expand(batch) if sigma.numel() in (1, batch) else sigma
@@ -197,9 +203,30 @@ def guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_model: Inn
         per_image.append(image_rows(plan, processors, model, x[image:image + 1], sigma[image:image + 1],
                                     roles, contexts, hints, bank, bank_rows, batch_together))
     outputs = torch.stack(per_image, dim=1).flatten(0, 1) if batch > 1 else per_image[0]
+    return roles, outputs
+
+
+def outputs_by_role(plan: GenerationPlan, roles: Sequence[str], outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`evaluate_rows`' outputs split by role, with every role of the plan's mode present (the
+    reference-dropped rows that were not evaluated are the cond rows, :func:`evaluated_roles`)."""
+    by_role = split_rows(outputs, roles)
+    if REF_DROPPED in plan.roles and REF_DROPPED not in roles:
+        by_role[REF_DROPPED] = by_role[COND]
+    return by_role
+
+
+@torch.no_grad()
+def guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_model: InnerModel, x: torch.Tensor,
+                sigma: torch.Tensor, t: "float | torch.Tensor", noised_reference: Optional[NoisedReference] = None,
+                batch_together: bool = True,
+                observe: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    """One guided denoiser evaluation ``D(x, σ)`` with ColorizeDiffusion's dual guidance (method §5.3):
+    :func:`evaluate_rows`, then :func:`~lib_colorize.guidance.combine`. Returns (bs, 4, h, w).
+
+    ``observe`` sees the main rows' outputs ``[role0 × bs, role1 × bs, ...]`` (not the injection's reference
+    pass) before they are combined; in-place edits count.
+    """
+    roles, outputs = evaluate_rows(plan, processors, inner_model, x, sigma, t, noised_reference, batch_together)
     if observe is not None:
         observe(outputs)
-    outputs_by_role = split_rows(outputs, roles)
-    if REF_DROPPED in plan.roles and REF_DROPPED not in roles:
-        outputs_by_role[REF_DROPPED] = outputs_by_role[COND]
-    return combine(outputs_by_role, plan.mode, plan.reference_guidance, plan.sketch_guidance)
+    return combine(outputs_by_role(plan, roles, outputs), plan.mode, plan.reference_guidance, plan.sketch_guidance)

@@ -1,45 +1,16 @@
-"""ColorizeDiffusion for the AUTOMATIC1111 webui: sketch colorization after a reference image.
+"""ColorizeDiffusion for the AUTOMATIC1111 webui and Forge: sketch colorization after a reference image.
 
-A thin ``Script``: every hook delegates to the ``cd_webui`` package (the method itself is ``lib_colorize``).
-The title is the API name (``alwayson_scripts: {"ColorizeDiffusion": {"args": [...]}}``); keep it constant.
+A thin entry point: it asks which webui family loaded it (once per load; importing it never fails on either
+family) and takes that family's ``Script`` and registrations: :mod:`cd_webui.script` (AUTOMATIC1111) or
+:mod:`cd_forge.script` (Forge 2; the ldm_patched forks get a clear "not supported yet"). The method itself is
+``lib_colorize``.
 """
-from modules import script_callbacks, scripts
+from cd_forge.host import A1111, family
 
-from cd_webui import api, lifecycle, model, ui, xyz
+HOST = family()
+if HOST == A1111:
+    from cd_webui.script import TITLE, ColorizeDiffusionScript, register
+else:
+    from cd_forge.script import TITLE, ColorizeDiffusionScript, register
 
-TITLE = "ColorizeDiffusion"
-
-# Import-time registration (webui-integration §6: X/Y/Z axes must exist before X/Y/Z's ui() runs, also with
-# --nowebui). The webui clears callbacks before it re-imports scripts, so nothing is registered twice.
-xyz.register_xyz_axes()
-model.install_config_resolver()
-script_callbacks.on_ui_settings(model.on_ui_settings)
-script_callbacks.on_model_loaded(model.on_model_loaded)
-script_callbacks.on_app_started(api.on_app_started)
-script_callbacks.on_script_unloaded(lifecycle.on_script_unloaded)
-
-
-class ColorizeDiffusionScript(scripts.Script):
-    def title(self):
-        return TITLE
-
-    def show(self, is_img2img):
-        return scripts.AlwaysVisible
-
-    def ui(self, is_img2img):
-        return ui.build_ui(self, is_img2img)
-
-    def before_process(self, p, *args):
-        lifecycle.before_process(p, *args)
-
-    def process(self, p, *args):
-        lifecycle.process(p, *args)
-
-    def process_before_every_sampling(self, p, *args, **kwargs):
-        lifecycle.process_before_every_sampling(p, *args, **kwargs)
-
-    def postprocess_image(self, p, pp, *args):
-        lifecycle.postprocess_image(p, pp, *args)
-
-    def postprocess(self, p, processed, *args):
-        lifecycle.postprocess(p, processed, *args)
+register()

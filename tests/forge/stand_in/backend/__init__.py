@@ -1,0 +1,1 @@
+"""Stand-in of Forge 2's ``backend`` package (see ../README.md)."""

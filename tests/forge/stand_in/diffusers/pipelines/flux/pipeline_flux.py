@@ -1,0 +1,5 @@
+"""Stub (see ../../__init__.py)."""
+
+
+def calculate_shift(*args, **kwargs):
+    raise NotImplementedError
