@@ -167,13 +167,18 @@ def prepare_mask_inputs(options: ColorizeOptions, sketch: Optional[torch.Tensor]
 def remove_background(images: Sequence, extract: Callable[[torch.Tensor], torch.Tensor], threshold: float) -> list:
     """``result where mask ≥ τ_r else white`` for each PIL result, ``mask = extract(result)`` (no dilation,
     method-enhance §4.5)."""
-    from .masks import whiten_where
-    from .preprocess import image_to_tensor, tensor_to_images
+    import numpy as np
+    from PIL import Image
+
+    from .preprocess import image_to_tensor
 
     out = []
     for image in images:
-        x = image_to_tensor(image)
-        out += tensor_to_images(whiten_where(x, extract(x) >= threshold))
+        rgb = image.convert("RGB")
+        keep = (extract(image_to_tensor(rgb)) >= threshold)[0, 0].cpu().numpy()
+        pixels = np.asarray(rgb).copy()
+        pixels[~keep] = 255           # on the pixels themselves: the kept ones stay exactly as decoded
+        out.append(Image.fromarray(pixels))
     return out
 
 

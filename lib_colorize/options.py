@@ -358,6 +358,8 @@ class ColorizeOptions:
         if self.no_guidance_start > self.no_guidance_end:
             raise InvalidInput("no_guidance_start", f"must not exceed no_guidance_end "
                                                     f"({self.no_guidance_start} > {self.no_guidance_end})")
+        if not require_sketch:
+            return   # the images come later (a pasted infotext, img2img's init image): checked then
         if self.bg_enhance and self.reference is None and self.background is None:
             raise InvalidInput("bg_enhance", "BG enhance needs a reference image or a background image")
         if self.style_enhance and self.reference is None:
