@@ -68,7 +68,10 @@ def tiny_dims(context_dim: int = 64) -> Dims:
                 (8, 8, 16, 16, 32, 32, 64, 32), (32, 64, 128, 128), 16, 32)
 
 
-def dims_for(size: str, context_dim: Optional[int] = None) -> Dims:
+def dims_for(size: "str | Dims", context_dim: Optional[int] = None) -> Dims:
+    """The dims of a size name ("tiny", "full"), or ``size`` itself when it is a :class:`Dims` (benches)."""
+    if isinstance(size, Dims):
+        return size if context_dim is None else _replace(size, context_dim=context_dim)
     if size == "full":
         return FULL if context_dim is None else _replace(FULL, context_dim=context_dim)
     if size == "tiny":
