@@ -100,3 +100,15 @@ def test_version_and_input_errors_name_the_option(colorizers):
         colorizers["v2"].colorize(options(bg_enhance=True, background=None, remove_foreground=True), sampling())
     with pytest.raises(InvalidInput, match=r"style_enhance: style enhance needs a reference"):
         colorizers["v2"].colorize(options(style_enhance=True, reference=None), sampling())
+
+
+def test_text_manipulation_works_with_an_enhance_mode(colorizers):
+    """The enhance context is built from the manipulated reference tokens E (method-enhance §6.1 step 1)."""
+    from lib_colorize.options import Manipulation
+
+    colorizer = colorizers["v1.5"]
+    group = Manipulation("red hair", "none", "hair", 6.0, False)
+    plain = colorizer.colorize(options(bg_enhance=True), sampling())
+    manipulated = colorizer.colorize(options(bg_enhance=True, manipulations=(group,)), sampling())
+    assert not torch.allclose(plain.latents, manipulated.latents)
+    assert live_count() == 0
