@@ -3,7 +3,8 @@
 It shows only what the loaded checkpoint can do (:func:`lib_colorize.enhance.capabilities`) and says why the rest
 is hidden; a hidden control is also reset to its default, so it never sends a value the model would refuse. The
 section refreshes when the accordion is switched on, when its refresh button is pressed, and when the webui's
-checkpoint dropdown changes (:func:`on_after_component` finds that dropdown). Its components fill the slots
+checkpoint dropdown changes (:func:`on_after_component` finds that dropdown; :func:`on_before_ui` forgets the
+previous page's). Its components fill the slots
 :data:`cd_webui.args.ENHANCE_SLOTS`.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ import gradio as gr
 from lib_colorize.enhance import VERSION_LABELS, VERSION_NEEDS, capabilities
 from lib_colorize.options import FIELD_BY_NAME, STRUCTURED_FIELDS
 
-__all__ = ["build_enhance_section", "visibility_updates", "notice_for", "on_after_component", "CHECKPOINT_ELEM_ID",
+__all__ = ["build_enhance_section", "visibility_updates", "notice_for", "on_after_component", "on_before_ui",
+           "CHECKPOINT_ELEM_ID",
            "VERSION_DEPENDENT"]
 
 CHECKPOINT_ELEM_ID = "setting_sd_model_checkpoint"
@@ -75,25 +77,25 @@ def _refresh(title: Any = None) -> list:
     return visibility_updates(_version_of_title(title))
 
 
-def _root():
-    from gradio.context import Context
-
-    return Context.root_block
-
-
 def _wire(dropdown, outputs) -> None:
     dropdown.change(fn=_refresh, inputs=[dropdown], outputs=outputs, show_progress=False)
 
 
+def on_before_ui() -> None:
+    """``script_callbacks.on_before_ui``: a new page is about to be built (start or "Reload UI"): forget the old
+    page's sections and dropdowns."""
+    _sections.clear()
+    _dropdowns.clear()
+
+
 def on_after_component(component, **kwargs) -> None:
-    """``script_callbacks.on_after_component``: remember the checkpoint dropdown and drive every section built in
-    the same page (a "Reload UI" builds a new page; the old one's entries are dropped)."""
+    """``script_callbacks.on_after_component``: remember the checkpoint dropdown (quicksettings or the settings
+    page) and drive every section of this page with it. The webui builds the txt2img/img2img tabs in their own
+    Blocks and renders them into the page later, so sections and dropdown meet here whatever their order."""
     if kwargs.get("elem_id") != CHECKPOINT_ELEM_ID:
         return
-    root = _root()
-    _dropdowns[:] = [(r, d) for r, d in _dropdowns if r is root] + [(root, component)]
-    _sections[:] = [(r, o) for r, o in _sections if r is root]
-    for _, outputs in _sections:
+    _dropdowns.append(component)
+    for outputs in _sections:
         _wire(component, outputs)
 
 
@@ -159,9 +161,6 @@ def build_enhance_section(script, c: dict, slot_elem_id, enabled) -> None:
     outputs = [notice] + [c[k] for k in VERSION_DEPENDENT]
     refresh.click(fn=lambda: _refresh(None), inputs=[], outputs=outputs, show_progress=False)
     enabled.change(fn=lambda on: _refresh(None), inputs=[enabled], outputs=outputs, show_progress=False)
-    root = _root()
-    if root is not None:
-        _sections[:] = [(r, o) for r, o in _sections if r is root] + [(root, outputs)]
-        for dropdown_root, dropdown in _dropdowns:
-            if dropdown_root is root:
-                _wire(dropdown, outputs)
+    _sections.append(outputs)
+    for dropdown in _dropdowns:
+        _wire(dropdown, outputs)

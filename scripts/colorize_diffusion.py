@@ -19,6 +19,7 @@ script_callbacks.on_model_loaded(model.on_model_loaded)
 script_callbacks.on_app_started(api.on_app_started)
 script_callbacks.on_script_unloaded(lifecycle.on_script_unloaded)
 script_callbacks.on_after_component(enhance_ui.on_after_component)   # the checkpoint dropdown drives the section
+script_callbacks.on_before_ui(enhance_ui.on_before_ui)
 
 
 class ColorizeDiffusionScript(scripts.Script):

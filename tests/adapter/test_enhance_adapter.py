@@ -126,14 +126,21 @@ def test_enhance_section_shows_what_the_loaded_checkpoint_can_do(webui, enhance_
     hidden = enhance_ui.visibility_updates("v1.5")
     assert [u["visible"] for u in hidden[1:]] == [False, True, False]     # style, fg, factor
     assert hidden[1]["value"] is False and hidden[3]["value"] == 1.0, "a hidden control is reset"
-    # the webui's checkpoint dropdown drives the sections of the same page
-    with gr.Blocks():
-        cd_ui.build_ui(script, False)
-        dropdown = gr.Dropdown(["a"], elem_id=enhance_ui.CHECKPOINT_ELEM_ID)
-        from modules import script_callbacks
+    # the webui's checkpoint dropdown (built later, in the page's own Blocks) drives this page's sections
+    from modules import script_callbacks
 
+    enhance_ui.on_before_ui()
+    with gr.Blocks() as tab:
+        cd_ui.build_ui(script, False)
+    with gr.Blocks() as page:
+        dropdown = gr.Dropdown(["a"], elem_id=enhance_ui.CHECKPOINT_ELEM_ID)
         script_callbacks.after_component_callback(dropdown, elem_id=enhance_ui.CHECKPOINT_ELEM_ID)
-        assert enhance_ui._dropdowns[-1][1] is dropdown and len(enhance_ui._sections) == 1
+        tab.render()
+    assert enhance_ui._dropdowns == [dropdown] and len(enhance_ui._sections) == 1
+    wired = [d for d in page.dependencies if dropdown._id in d["targets"]]
+    assert len(wired) == 1 and len(wired[0]["outputs"]) == 4
+    script_callbacks.callback_map["callbacks_before_ui"][0].callback()   # a "Reload UI" forgets the old page
+    assert enhance_ui._sections == [] and enhance_ui._dropdowns == []
 
 
 def test_infotext_pastes_the_modes(webui):
