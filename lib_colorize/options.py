@@ -47,9 +47,9 @@ sketch_mask_threshold         τ_s: :class:`~lib_colorize.processors.SplitCrossA
                               threshold embedding (:func:`lib_colorize.enhance.prepare_enhance`)
 reference_mask_threshold      τ_r: :func:`lib_colorize.masks.whiten_where` (masked reference, remove foreground /
                               background), v1.5's threshold embedding
-reference_mask_extractor      :func:`lib_colorize.masks.load_mask_extractor` (``MaskInputs.prepare``)
-sketch_mask, reference_mask   user masks instead of extraction: :func:`lib_colorize.enhance.MaskInputs.prepare`
-remove_foreground             :meth:`lib_colorize.enhance.MaskInputs.prepare` (the background image)
+reference_mask_extractor      :func:`lib_colorize.masks.load_mask_extractor`, called by ``prepare_mask_inputs``
+sketch_mask, reference_mask   user masks instead of extraction: :func:`lib_colorize.enhance.prepare_mask_inputs`
+remove_foreground             :func:`lib_colorize.enhance.prepare_mask_inputs` (the background image)
 remove_background             :func:`lib_colorize.enhance.remove_background` (after decoding)
 return_masks                  extra output images (the masks used): ``Colorizer.colorize``, ``cd_webui``
 ============================  ==========================================================================

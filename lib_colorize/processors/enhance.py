@@ -246,7 +246,7 @@ class _PerDecoderBlock(Processor):
 
 class SkipWarp(_PerDecoderBlock):
     """v2 BG enhance: the skip ``k_j`` of decoder block j becomes ``k_j where c_j > τ_s else Warp_j(k_j, hs_bg[j])``
-    (a pre-hook on ``output_blocks[j]`` rewrites the skip part of its concatenated input)."""
+    (a pre-hook on ``output_blocks[j]`` writes it into the skip part of its concatenated input)."""
 
     what = "warp modules"
 
@@ -268,11 +268,9 @@ class SkipWarp(_PerDecoderBlock):
             tokens = _rows(call.hs_bg[j].to(device=h.device, dtype=skip.dtype), h.shape[0])
             warped = warp(skip, tokens)
             c = resized_mask(call.mask, skip.shape[-2:]).to(h.device)
-            skip = torch.where(c > float(call.mask_threshold), skip, warped.to(skip.dtype))
-            h = torch.cat([h[:, :-width], skip], dim=1)
-            if args:
-                return (h,) + tuple(args[1:]), kwargs
-            return args, dict(kwargs, x=h)
+            # in place: ``h`` is the concatenation the U-Net made for this block alone (ldm: cat([h, hs.pop()]))
+            h[:, -width:] = torch.where(c > float(call.mask_threshold), skip, warped.to(skip.dtype))
+            return None
 
         return warp_skip
 
