@@ -229,9 +229,11 @@ def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class _PerDecoderBlock(Processor):
-    """One module per decoder block (``output_blocks[j]``), each attached by :meth:`_register`."""
+    """One module per decoder block (``output_blocks[j]``), each a pre-hook (``pre_hook``) or a forward hook
+    (with kwargs) made by the subclass's ``_hook(j, module, current)``."""
 
     what = "modules"
+    pre_hook = True
 
     def __init__(self, modules: Sequence[nn.Module]):
         self.modules = list(modules)
@@ -240,8 +242,11 @@ class _PerDecoderBlock(Processor):
         blocks = unet.output_blocks
         if len(blocks) != len(self.modules):
             raise ValueError(f"ColorizeDiffusion: {len(self.modules)} {self.what} for {len(blocks)} decoder blocks")
-        return [self._register(block, self._hook(j, module, current))
-                for j, (block, module) in enumerate(zip(blocks, self.modules))]
+        handles = []
+        for j, (block, module) in enumerate(zip(blocks, self.modules)):
+            register = block.register_forward_pre_hook if self.pre_hook else block.register_forward_hook
+            handles.append(register(self._hook(j, module, current), with_kwargs=True))
+        return handles
 
 
 class SkipWarp(_PerDecoderBlock):
@@ -249,10 +254,6 @@ class SkipWarp(_PerDecoderBlock):
     (a pre-hook on ``output_blocks[j]`` writes it into the skip part of its concatenated input)."""
 
     what = "warp modules"
-
-    @staticmethod
-    def _register(block: nn.Module, hook) -> RemovableHandle:
-        return block.register_forward_pre_hook(hook, with_kwargs=True)
 
     @staticmethod
     def _hook(j: int, warp: nn.Module, current: CurrentCall):
@@ -279,10 +280,7 @@ class StyleModulation(_PerDecoderBlock):
     """v2 style enhance: ``h ← h·(1 + γ_j) + β_j`` after decoder block j (forward hook on ``output_blocks[j]``)."""
 
     what = "style modules"
-
-    @staticmethod
-    def _register(block: nn.Module, hook) -> RemovableHandle:
-        return block.register_forward_hook(hook, with_kwargs=True)
+    pre_hook = False
 
     @staticmethod
     def _hook(j: int, style: nn.Module, current: CurrentCall):
