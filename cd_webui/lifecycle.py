@@ -13,8 +13,8 @@ script hook                   what happens
                               bind our forward to ``p.sampler.model_wrap_cfg`` (:mod:`cd_webui.sampling`)
 ``p.sample`` wrapper          raises the user errors collected above (the runner swallows exceptions in
                               ``process``; these reach the UI/API), and ALWAYS removes the processors (``finally``)
-``postprocess_image``         "Crop result"
-``postprocess``               remove processors; add the processed sketch / heat map to the gallery when asked
+``postprocess_image``         "Remove background in result", then "Crop result"
+``postprocess``               remove processors; add the processed sketch / masks / heat map to the gallery when asked
 ============================  ================================================================================
 
 Disabled: nothing is installed, ``p`` is not touched (except that stale ``CD ...`` infotext keys of an earlier
@@ -59,6 +59,7 @@ class GenerationState:
     first_size: Optional[tuple] = None           # (W, H) of the first sampling pass
     box: Optional[tuple] = None                  # sketch box in the first pass, for "Crop result"
     sketch_preview: Any = None                   # the line art the model saw (first pass), PIL
+    mask_previews: list = field(default_factory=list)   # the enhance modes' masks (first pass), PIL
     stats: dict = field(default_factory=dict)
 
     def release(self) -> None:
@@ -184,7 +185,10 @@ def _prepare(p, state: GenerationState) -> None:
     """Validation and everything that does not depend on the sampling size (once per generation)."""
     _check_supported(p)
     sd_model, unet = _unet_of(p)
-    model.require_colorize_model(sd_model)
+    info = model.require_colorize_model(sd_model)
+    from lib_colorize.enhance import check_version
+
+    check_version(state.options, info.version)   # a mode the loaded model lacks: the error names the key and version
     prepare_conditioning(state, unet)
 
 
@@ -324,23 +328,37 @@ def prepare_pass(p, state: GenerationState, x, unet, encoder, vae_encode, *, vae
         injection = conditioning.build_injection(options, vae_encode, vae_input,
                                                  to_unet(injection_hints), batch_seeds(p, int(x.shape[0])),
                                                  dtype=dtype, device=device)
+    tokens, enhance_plan = state.tokens, None
+    if options.enhanced:
+        from . import enhance
+
+        enhance_plan, tokens = enhance.prepare(p, options, sketch, box, state.tokens,
+                                               batch_seeds(p, int(x.shape[0])), (height, width), device, dtype)
     plan = conditioning.build_plan(options, sketch_hints=to_unet(sketch_hints), blank_hints=to_unet(blank_hints),
-                                   tokens=state.tokens, injection=injection)
-    processors = unet_processors.for_generation(unet, layer_scales=state.scales,
-                                                injection=injection is not None).install()
+                                   tokens=tokens, injection=injection, enhance=enhance_plan)
+    processors = unet_processors.for_generation(unet, layer_scales=state.scales, injection=injection is not None,
+                                                enhance=enhance_plan).install()
     state.processors = processors
     state.passes += 1
     if state.first_size is None:
         state.first_size, state.box = (width, height), box
         if options.return_sketch:
             state.sketch_preview = tensor_to_images(sketch)[0]
+        if options.return_masks and enhance_plan is not None:
+            state.mask_previews = enhance_plan.inputs.previews(options)
     return plan, processors
 
 
 # ------------------------------------------------------------------------------------------------ postprocess
 def postprocess_image(p, pp, *args) -> None:
     state = get_state(p)
-    if state is None or state.options is None or not state.options.crop_result or state.box is None:
+    if state is None or state.options is None or state.error is not None:
+        return
+    if state.options.remove_background:
+        from . import enhance
+
+        pp.image = enhance.remove_background(pp.image, state.options)
+    if not state.options.crop_result or state.box is None:
         return
     from lib_colorize.preprocess import crop_to_box
 
@@ -359,6 +377,7 @@ def postprocess(p, processed, *args) -> None:
     extra = []
     if options.return_sketch and state.sketch_preview is not None:
         extra.append(state.sketch_preview)
+    extra.extend(state.mask_previews)
     if options.return_heatmap and options.manipulations and options.reference is not None:
         try:
             from .api import heatmap_for_options

@@ -6,7 +6,7 @@ keep it constant.
 """
 from modules import script_callbacks, scripts
 
-from cd_webui import api, lifecycle, model, ui, xyz
+from cd_webui import api, enhance_ui, lifecycle, model, ui, xyz
 
 TITLE = "ColorizeDiffusion"
 
@@ -20,6 +20,8 @@ def register() -> None:
     script_callbacks.on_model_loaded(model.on_model_loaded)
     script_callbacks.on_app_started(api.on_app_started)
     script_callbacks.on_script_unloaded(lifecycle.on_script_unloaded)
+    script_callbacks.on_after_component(enhance_ui.on_after_component)   # the checkpoint dropdown drives the section
+    script_callbacks.on_before_ui(enhance_ui.on_before_ui)
 
 
 class DelegatingScript(scripts.Script):

@@ -20,6 +20,7 @@ is also the positional API (``alwayson_scripts.ColorizeDiffusion.args``); it onl
 35-38 injection, injection_reference_fidelity, injection_sketch_fidelity, injection_start
 39-41 crop_result, return_sketch, return_heatmap                                 Checkboxes
 42    manipulations                   Textbox: the manipulation sequence, one group per line
+43-58 style_enhance ... return_masks  the enhance section (:mod:`cd_webui.enhance_ui`, args.ENHANCE_SLOTS)
 ====  ==============================  =================================================================
 
 The manipulation form (target / anchor / control prompts, target scale, enhance, thresholds) only feeds the
@@ -66,7 +67,8 @@ TEXT_PASTE_SLOTS = tuple(spec.name for spec in FIELD_BY_INFOTEXT.values()
                          if (spec.kind is float or spec.name == "sketch_mode")
                          and spec.name not in CONDITIONAL_FIELDS)
 #: Slots that never come from an infotext (images, display options), but travel with "Send to img2img".
-_CARRY_ONLY_SLOTS = ("sketch", "reference", "return_sketch", "return_heatmap")
+_CARRY_ONLY_SLOTS = ("sketch", "reference", "return_sketch", "return_heatmap",
+                     "background", "sketch_mask", "reference_mask", "return_masks")
 
 
 # ------------------------------------------------------------------------------------- paste functions
@@ -300,6 +302,10 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
                 SEQUENCE_INFO)
             heatmap = gr.Image(label="Manipulation heat map", type="pil", interactive=False, height=HEATMAP_HEIGHT,
                                elem_id=script.elem_id("heatmap_preview"))
+
+        from .enhance_ui import build_enhance_section
+
+        build_enhance_section(script, c, slot_elem_id, enabled)   # slots args.ENHANCE_SLOTS
 
     # ------------------------------------------------------------------------------------------- events
     c["sketch_mode"].change(fn=lambda m: gr.update(visible=m == "extract"), inputs=[c["sketch_mode"]],

@@ -91,8 +91,9 @@ def build_injection(options: ColorizeOptions, vae_encode: Callable[[torch.Tensor
 
 
 def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: list, tokens: torch.Tensor,
-               injection: Optional[InjectionPlan] = None) -> GenerationPlan:
-    """The plan of one generation from validated options and prepared tensors."""
+               injection: Optional[InjectionPlan] = None, enhance: Optional[object] = None) -> GenerationPlan:
+    """The plan of one generation from validated options and prepared tensors (``tokens``: the context, with
+    enhance modes their ``[fg ; bg]`` context, :func:`lib_colorize.enhance.prepare_enhance`)."""
     return GenerationPlan(
         mode=guidance_mode(options.reference_guidance, options.sketch_guidance),
         reference_guidance=options.reference_guidance,
@@ -103,4 +104,5 @@ def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: lis
         window=GuidanceWindow(options.guidance_start, options.guidance_end, options.no_guidance_start,
                               options.no_guidance_end),
         injection=injection,
+        enhance=enhance,
     )

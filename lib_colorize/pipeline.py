@@ -80,6 +80,7 @@ class ColorizeResult:
     height: int
     sketch: Optional[Image.Image] = None        # the line art the model saw (return_sketch)
     heatmap: Optional[Image.Image] = None       # manipulation heat map (return_heatmap)
+    masks: list = field(default_factory=list)   # the masks the enhance modes used (return_masks)
     stats: dict = field(default_factory=dict)
 
 
@@ -122,6 +123,13 @@ class Colorizer:
             reference = OffloadedEncoder(reference, self.device)
         self.reference_encoder = reference
         self.stats = {"sketch_encoder_calls": 0}
+        from .cache import ContentCache
+        from .masks import MaskExtractors
+
+        self.enhance_cache = ContentCache()
+        self.mask_extractors = MaskExtractors(models_dir, self.device, allow_download, cache=self.enhance_cache,
+                                              offload=self.device.type != "cpu")
+        self._enhance_modules = None
 
     @classmethod
     def from_files(cls, checkpoint_path, *, clip_arch="ViT-H-14", clip_weights=None, models_dir=None,
@@ -203,10 +211,43 @@ class Colorizer:
                                     lambda image: self.encode_reference_full(image).float(),
                                     lambda texts: self.encode_text(texts).float())
 
+    # ------------------------------------------------------------------ enhance modes
+    def enhance_modules(self, parts):
+        """The checkpoint's extra modules ``parts`` (loaded on first use, kept for later generations)."""
+        from .checkpoint import load_enhance_modules
+        from .models.enhance import EnhanceModules
+
+        if self._enhance_modules is None:
+            self._enhance_modules = EnhanceModules(version=self.checkpoint.info.version,
+                                                   path=self.checkpoint.info.path)
+        have = self._enhance_modules
+        missing = [p for p in parts if (not have.lora if p == "lora" else getattr(have, p) is None)]
+        if missing:
+            loaded = load_enhance_modules(self.checkpoint.info.path, missing, dtype=self.dtype, device=self.device,
+                                          needed_by="the chosen enhance mode").to(dtype=self.dtype)
+            for part in missing:
+                setattr(have, part, getattr(loaded, part))
+        return have
+
+    def prepare_enhance(self, options: ColorizeOptions, sketch: torch.Tensor, box, tokens: torch.Tensor,
+                        seeds, size):
+        """The enhance plan and context of one generation (:func:`lib_colorize.enhance.prepare_enhance`)."""
+        from . import enhance
+
+        version = self.checkpoint.info.version
+        modules = self.enhance_modules(enhance.needed_parts(version, options))
+        inputs = enhance.prepare_mask_inputs(options, sketch, box, self.mask_extractors)
+        return enhance.prepare_enhance(
+            version, options, modules, tokens, inputs,
+            encode_local=lambda image: self.encode_reference_full(image)[:, 1:],
+            vae_encode=lambda image: self.vae.encode(image.to(self.device, self.vae_dtype)),
+            seeds=seeds, size=size, cache=self.enhance_cache, device=self.device, dtype=self.dtype)
+
     # ------------------------------------------------------------------ generation
-    def processors_for(self, layer_scales, injection: bool) -> unet_processors.ProcessorSet:
+    def processors_for(self, layer_scales, injection: bool, enhance=None) -> unet_processors.ProcessorSet:
         """The U-Net processors of one generation (a benchmark substitutes the original's injection here)."""
-        return unet_processors.for_generation(self.unet, layer_scales=layer_scales, injection=injection)
+        return unet_processors.for_generation(self.unet, layer_scales=layer_scales, injection=injection,
+                                              enhance=enhance)
 
     def denoise(self, plan, processors, inner_model, x, sigma, t, noised_reference) -> torch.Tensor:
         """One guided denoiser evaluation (:func:`~lib_colorize.denoiser.guided_call`)."""
@@ -219,6 +260,9 @@ class Colorizer:
         """One generation of ``sampling.batch_size`` images. Same seed and options give the same images."""
         options.check()
         sampling.check()
+        from .enhance import check_version, remove_background
+
+        check_version(options, self.checkpoint.info.version)
         width, height = self.output_size(options, sampling)
         seed = sampling.resolved_seed()
         seeds = [seed + i for i in range(sampling.batch_size)]   # the webui's per-image seeds
@@ -236,13 +280,17 @@ class Colorizer:
             self.sketch_encoder, sketch.to(self.device), options.sketch_strength,
             injection_reference, options.injection_sketch_fidelity, stats)
         self.stats["sketch_encoder_calls"] += stats["sketch_encoder_calls"]
+        seeds = [seed + i for i in range(sampling.batch_size)]
         injection = None
         if injection_reference is not None:
             injection = conditioning.build_injection(
                 options, self.vae.encode, injection_reference.to(self.device, self.vae_dtype), injection_hints,
                 seeds, dtype=self.dtype)
+        enhance_plan = None
+        if options.enhanced:
+            enhance_plan, tokens = self.prepare_enhance(options, sketch, box, tokens, seeds, (height, width))
         plan = conditioning.build_plan(options, sketch_hints=sketch_hints, blank_hints=blank_hints,
-                                       tokens=tokens, injection=injection)
+                                       tokens=tokens, injection=injection, enhance=enhance_plan)
         scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
                                         num_layers=NUM_ATTENTION_LAYERS)
 
@@ -253,7 +301,7 @@ class Colorizer:
         def inner_model(x_in, sigma_in, context):
             return denoiser(x_in, sigma_in, context=context)
 
-        processors = self.processors_for(scales, injection is not None)
+        processors = self.processors_for(scales, injection is not None, enhance_plan)
 
         def model(x, sigma):
             return self.denoise(plan, processors, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),
@@ -269,6 +317,9 @@ class Colorizer:
         with processors:
             latents = sampler.func(model, x, sigmas, **kwargs)
         images = self.decode(latents)
+        if options.remove_background:
+            images = remove_background(images, lambda x: self.mask_extractors.reference(
+                options.reference_mask_extractor, x, dilated=False), options.reference_mask_threshold)
         if options.crop_result:
             images = [crop_to_box(image, box) for image in images]
         result = ColorizeResult(images=images, latents=latents, seed=seed, width=width, height=height,
@@ -277,6 +328,8 @@ class Colorizer:
             result.sketch = tensor_to_images(sketch)[0]
         if options.return_heatmap and options.manipulations and options.reference is not None:
             result.heatmap = self.heatmap(options)
+        if options.return_masks and enhance_plan is not None:
+            result.masks = enhance_plan.inputs.previews(options)
         return result
 
     @property

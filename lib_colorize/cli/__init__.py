@@ -126,6 +126,8 @@ def _plan(args: argparse.Namespace, probe: ColorizeOptions, batch_size: int, inp
 
     extras = [kind for kind, wanted in (("sketch", probe.return_sketch), ("heatmap", probe.return_heatmap))
               if wanted]
+    if probe.return_masks:   # the sketch mask and the reference (or background) mask, when the modes used them
+        extras += ["mask0", "mask1"]
     if args.visualize:
         if not probe.manipulations:
             raise InvalidInput("manipulations", "--visualize shows the regions a manipulation selects: give at least "
@@ -176,6 +178,9 @@ def _weights(args, root, arch: str, probe: ColorizeOptions, console: Console):
     progress = weights.line_progress(console.status)
     checkpoint = weights.resolve_checkpoint(args.checkpoint, root, allow_download=allow, progress=progress)
     info = inspect_checkpoint(checkpoint)   # the key table only: an unusable file is refused before loading
+    from ..enhance import check_version
+
+    check_version(probe, info.version)   # a mode the checkpoint's version lacks is refused before loading
     clip_path = resolve_clip_weights(arch, args.clip_weights, models_dir=root.folder(weights.EXTENSION_FOLDER),
                                      allow_download=allow, progress=progress)
     width = output_width(arch)
@@ -205,11 +210,15 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
         raise InvalidInput("sketch", "--sketch is required (a file or a folder)")
     values = options_from_args(args, base_options)
     values["reference"] = load_image_file(args.reference, "reference")
+    for name in ("background", "sketch_mask", "reference_mask"):
+        if getattr(args, name, None):
+            values[name] = load_image_file(getattr(args, name), name)
     probe = ColorizeOptions.from_dict(values, require_sketch=False)   # every option checked before loading
     sampling = sampling_from_args(args, base_sampling)
     sampling.check()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    inputs = [Path(args.reference)] + ([Path(args.from_infotext)] if args.from_infotext else [])
+    inputs = [Path(args.reference)] + ([Path(args.from_infotext)] if args.from_infotext else []) + \
+        [Path(getattr(args, name)) for name in ("background", "sketch_mask", "reference_mask") if getattr(args, name)]
     pages, folder_run = _plan(args, probe, sampling.batch_size, inputs, console)
     if args.from_infotext:
         single = None if folder_run or args.visualize else load_image_file(pages[0].source, "sketch")
@@ -263,7 +272,9 @@ def _colorize_pages(colorizer, probe, sampling, pages, todo, failures, checkpoin
                                        checkpoint_name)
                 save_png(image, target, text)
                 written.append(target)
-            for kind, image in (("sketch", result.sketch), ("heatmap", result.heatmap)):
+            made = [("sketch", result.sketch), ("heatmap", result.heatmap)]
+            made += [(f"mask{i}", mask) for i, mask in enumerate(result.masks)]
+            for kind, image in made:
                 if image is not None:
                     save_png(image, page.extras[kind])
                     written.append(page.extras[kind])

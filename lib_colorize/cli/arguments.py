@@ -30,6 +30,11 @@ def build_parser(root: ModelsRoot) -> argparse.ArgumentParser:
     io.add_argument("--out", help="output PNG, or a folder (a folder run, or a name ending in / for one sketch): "
                                   "each page gives <stem>.png there, <name>.png (a.jpg -> a.jpg.png) when pages "
                                   "share a stem")
+    io.add_argument("--background", help="background image for BG / style enhance (instead of the reference's own)")
+    io.add_argument("--sketch-mask", help="character mask of the sketch (white = character) instead of ISNet-sketch; "
+                                          "with a folder of sketches it applies to every page")
+    io.add_argument("--reference-mask", help="character mask of the reference (white = character) instead of the "
+                                             "reference mask extractor")
     io.add_argument("--from-infotext", metavar="PNG", help="take options, sampler, steps, seed and size from a "
                                                             "result's parameters; other flags override them")
     io.add_argument("--visualize", action="store_true", help="write the manipulation heat map of the reference "

@@ -299,7 +299,7 @@ class UNetConfig:
         sd = state_dict
         conv_in = sd["input_blocks.0.0.weight"]
         in_channels, model_channels = int(conv_in.shape[1]), int(conv_in.shape[0])
-        out_channels = int(sd["out.2.weight"].shape[0])
+        out_channels = int(sd["out.2.weight"].shape[0]) if "out.2.weight" in sd else in_channels
 
         block_ids = sorted({int(m.group(1)) for k in sd for m in [_INPUT_BLOCK.match(k)] if m})
         levels: list = [[]]  # per level: output channels of its ResBlocks
@@ -322,10 +322,16 @@ class UNetConfig:
                 raise ValueError(f"level width {lv[0]} is not a multiple of model_channels {model_channels}")
             channel_mult.append(lv[0] // model_channels)
 
-        proj_in = sd["middle_block.1.proj_in.weight"]
+        # the middle block's transformer; an encoder-only tree (v2's UNetEncoder) has none: its first one
+        transformer = "middle_block.1" if "middle_block.1.proj_in.weight" in sd else next(
+            (f"input_blocks.{i}.1" for i in block_ids if f"input_blocks.{i}.1.proj_in.weight" in sd), None)
+        if transformer is None:
+            raise KeyError("middle_block.1.proj_in.weight")
+        proj_in = sd[f"{transformer}.proj_in.weight"]
         use_linear = proj_in.dim() == 2 if hasattr(proj_in, "dim") else len(proj_in.shape) == 2
-        context_dim = int(sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
-        depth_ids = {int(k.split(".")[3]) for k in sd if k.startswith("middle_block.1.transformer_blocks.")}
+        context_dim = int(sd[f"{transformer}.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+        depth_ids = {int(k[len(transformer):].split(".")[2]) for k in sd
+                     if k.startswith(f"{transformer}.transformer_blocks.")}
         return cls(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -343,6 +349,45 @@ class UNetConfig:
 # U-Net
 
 
+def time_embedding(config: UNetConfig) -> nn.Sequential:
+    """``time_embed``: Linear(mc, 4mc), SiLU, Linear(4mc, 4mc) (method §1.1)."""
+    mc, emb_dim = config.model_channels, config.time_embed_dim
+    return nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
+def transformer_factory(config: UNetConfig):
+    """``channels -> SpatialTransformer`` with the config's heads (C/64), depth, context width and projection."""
+    def transformer(ch: int) -> SpatialTransformer:
+        heads = num_heads_for(ch, config.head_channels)
+        return SpatialTransformer(ch, heads, ch // heads, depth=config.transformer_depth,
+                                  context_dim=config.context_dim, use_linear=config.use_linear_proj)
+
+    return transformer
+
+
+def build_input_blocks(config: UNetConfig) -> tuple[nn.ModuleList, tuple[int, ...]]:
+    """The SD ``input_blocks`` (shared by the U-Net and v2's UNetEncoders, method-enhance §3.5) and the width of
+    each block's output (the skip widths), in block order."""
+    mc, emb_dim = config.model_channels, config.time_embed_dim
+    transformer = transformer_factory(config)
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
+    widths = [mc]
+    ch = mc
+    last_level = len(config.channel_mult) - 1
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            layers = [ResBlock(ch, emb_dim, mult * mc)]
+            ch = mult * mc
+            if level in config.attention_levels:
+                layers.append(transformer(ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+            widths.append(ch)
+        if level != last_level:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            widths.append(ch)
+    return blocks, tuple(widths)
+
+
 class UNetModel(nn.Module):
     """ldm ``UNetModel`` (SD 2.x, spatial transformers, no class embedding).
 
@@ -357,30 +402,11 @@ class UNetModel(nn.Module):
         mc, emb_dim = config.model_channels, config.time_embed_dim
         self.model_channels = mc
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-        def transformer(ch: int) -> SpatialTransformer:
-            heads = num_heads_for(ch, config.head_channels)
-            return SpatialTransformer(ch, heads, ch // heads, depth=config.transformer_depth,
-                                      context_dim=config.context_dim, use_linear=config.use_linear_proj)
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
-        )
-        skip_channels = [mc]
-        ch = mc
-        last_level = len(config.channel_mult) - 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * mc)]
-                ch = mult * mc
-                if level in config.attention_levels:
-                    layers.append(transformer(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != last_level:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
+        self.time_embed = time_embedding(config)
+        transformer = transformer_factory(config)
+        self.input_blocks, skip_channels = build_input_blocks(config)
+        skip_channels = list(skip_channels)
+        ch = skip_channels[-1]
 
         self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim), transformer(ch), ResBlock(ch, emb_dim))
 

@@ -8,6 +8,11 @@ processor                   hooks                                       user opt
 :class:`ReferenceBankWrite` ``attn1`` inputs (reference pass)            injection, injection_start,
                                                                         injection_sketch_fidelity (the pass's hints)
 :class:`ReferenceBankRead`  ``attn1`` keys/values and output             injection_reference_fidelity
+:class:`SplitCrossAttention` ``attn2`` (both passes), ``to_out[0]``       bg_enhance, fg_enhance, foreground/background
+                                                                        strength, merging_scale, sketch_mask_threshold
+:class:`SplitLoRAHooks`     ``attn2.to_q/to_k/to_v`` outputs            (the LoRA side of each pass, per version)
+:class:`SkipWarp`           ``output_blocks[j]`` inputs (the skip)      bg_enhance (v2), background_factor (hs_bg)
+:class:`StyleModulation`    ``output_blocks[j]`` outputs                style_enhance (v2), merging_scale (M_j)
 ==========================  ==========================================  ==================================================
 
 :func:`for_generation` builds the set of one generation; the denoiser (:mod:`lib_colorize.denoiser`) enters a
@@ -24,20 +29,26 @@ from .base import (HINT_BLOCKS, Processor, ProcessorSet, UNetCall, live_count, r
                    transformer_blocks)
 from .injection import (BankRead, BankWrite, ReferenceBank, ReferenceBankRead, ReferenceBankWrite,
                         WritePassDone)
+from .enhance import SkipWarp, SplitAttention, SplitCrossAttention, SplitLoRAHooks, StyleModulation
 from .sketch_hints import SketchHints
 
 __all__ = ["HINT_BLOCKS", "BankRead", "BankWrite", "CrossAttentionScale", "Processor", "ProcessorSet",
-           "ReferenceBank", "ReferenceBankRead", "ReferenceBankWrite", "SketchHints", "UNetCall",
+           "ReferenceBank", "ReferenceBankRead", "ReferenceBankWrite", "SketchHints", "SkipWarp", "SplitAttention",
+           "SplitCrossAttention", "SplitLoRAHooks", "StyleModulation", "UNetCall",
            "WritePassDone", "for_generation", "live_count", "remove_all", "transformer_blocks"]
 
 
 def for_generation(unet: nn.Module, layer_scales: Optional[Sequence[float]] = None,
-                   injection: bool = False) -> ProcessorSet:
+                   injection: bool = False, enhance: Optional[object] = None) -> ProcessorSet:
     """The processors of one generation: sketch hints always; the cross-attention scales when given (hooks only
-    where ``s_i`` is not 1); the injection pair when attention injection is on. Not installed yet."""
+    where ``s_i`` is not 1); the injection pair when attention injection is on; the enhance modes' processors
+    when ``enhance`` (a :class:`lib_colorize.enhance.EnhancePlan`) is given: split cross-attention (+ the split
+    LoRA of its modules), the skip warp (v2 BG) and the style modulation (v2 style). Not installed yet."""
     processors: list[Processor] = [SketchHints()]
     if layer_scales is not None:
         processors.append(CrossAttentionScale(layer_scales))
     if injection:
         processors += [ReferenceBankWrite(), ReferenceBankRead()]
+    if enhance is not None:
+        processors += enhance.processors()
     return ProcessorSet(unet, processors)

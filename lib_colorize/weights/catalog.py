@@ -1,6 +1,7 @@
-"""Every file the method downloads: the released checkpoints, the OpenCLIP weights and the line extractors.
+"""Every file the method downloads: the released checkpoints, the OpenCLIP weights, the line extractors and the
+mask extractors of the enhance modes.
 
-Names given by users are looked up here and never joined onto paths. (The v1.5/v2 mask extractors join this list.)
+Names given by users are looked up here and never joined onto paths.
 """
 from __future__ import annotations
 
@@ -56,6 +57,19 @@ LINE_EXTRACTOR_FILES: dict[str, WeightFile] = {
     "lineart": _line_extractor("lineart", "netG.pth", "lllyasviel/Annotators", "netG.pth"),
     "lineart_denoise": _line_extractor("lineart_denoise", "erika.pth", "lllyasviel/Annotators", "erika.pth"),
     "lineart_keras": _line_extractor("lineart_keras", "sketchKeras.pth", "tellurion/line_extractor", "model.pth"),
+}
+
+def _mask_extractor(name: str, filename: str, licence: str) -> WeightFile:
+    return WeightFile(name=f"mask extractor '{name}'", filename=filename, folder=EXTENSION_FOLDER,
+                      hf_repo="tellurion/line_extractor", hf_filename=filename, licence=licence)
+
+
+#: Weights of the enhance modes' mask extractors (method-enhance §4.6), by extractor name. RMBG-2.0 is not here:
+#: it is gated and non-commercial, and runs only from a folder the user downloaded (lib_colorize.masks).
+MASK_EXTRACTOR_FILES: dict[str, WeightFile] = {
+    "ISNet-sketch": _mask_extractor("ISNet-sketch", "sketch-segment.safetensors",
+                                    "not stated on the Hub page (the ColorizeDiffusion author's model)"),
+    "ISNet": _mask_extractor("ISNet", "isnetis.safetensors", "Apache-2.0 (SkyTNT/anime-segmentation, isnetis)"),
 }
 DEFAULT_CLIP_ARCH = "ViT-H-14"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s32b_b79k"
@@ -122,6 +136,6 @@ def find_checkpoint(name_or_path: "str | os.PathLike[str]", root: ModelsRoot) ->
     return None if spec is None else find_weight_file(spec, root.folder(spec.folder))
 
 
-__all__ = ["RELEASED_CHECKPOINTS", "LINE_EXTRACTOR_FILES", "RELEASED_LICENCE", "CLIP_VIT_H", "DEFAULT_CLIP_ARCH",
+__all__ = ["RELEASED_CHECKPOINTS", "LINE_EXTRACTOR_FILES", "MASK_EXTRACTOR_FILES", "RELEASED_LICENCE", "CLIP_VIT_H", "DEFAULT_CLIP_ARCH",
            "DEFAULT_CLIP_PRETRAINED",
            "clip_weight_file", "released_checkpoint", "resolve_checkpoint", "find_checkpoint"]
