@@ -4,6 +4,7 @@ These run once per generation (the sketch encoder once more per hires pass), nev
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -14,6 +15,8 @@ from .models import LATENT_SCALE
 from .options import ColorizeOptions
 
 LOCAL_TOKENS = 256
+#: the XL models' fixed "aesthetic score" (method-xl §2.2: the training configs' score key, 7 at inference)
+XL_AESTHETIC_SCORE = 7.0
 
 
 def _param_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -43,6 +46,16 @@ def encode_sketch_hints(sketch_encoder: torch.nn.Module, sketch: torch.Tensor, s
     blank_hints = [h[1:2] * strength for h in hints]
     injection_hints = [h[2:3] * injection_sketch_fidelity for h in hints] if use_injection_hints else None
     return sketch_hints, blank_hints, injection_hints
+
+
+def xl_vector(height: int, width: int, aesthetic_score: float = XL_AESTHETIC_SCORE) -> torch.Tensor:
+    """``y = [E₂₅₆(√(H·W)) | E₂₅₆(score)]`` (1, 512) float32, H, W the generation size in pixels (method-xl §2.2);
+    the same for every row of a call, never the webui's 2816-wide SDXL vector (§12 #13)."""
+    from .models.unet import timestep_embedding
+
+    scalars = torch.tensor([math.sqrt(float(height) * float(width)), float(aesthetic_score)])
+    embedded = timestep_embedding(scalars, 256)
+    return torch.cat([embedded[0:1], embedded[1:2]], dim=1)
 
 
 @torch.no_grad()
