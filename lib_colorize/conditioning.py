@@ -26,13 +26,16 @@ def _param_dtype(module: torch.nn.Module) -> torch.dtype:
 @torch.no_grad()
 def encode_sketch_hints(sketch_encoder: torch.nn.Module, sketch: torch.Tensor, strength: float,
                         injection_reference: Optional[torch.Tensor] = None,
-                        injection_sketch_fidelity: float = 0.0, stats: Optional[dict] = None):
+                        injection_sketch_fidelity: float = 0.0, stats: Optional[dict] = None,
+                        level_strengths: Optional[Sequence[float]] = None):
     """Hints of the sketch, of the blank sketch and (injection) of the negated reference, in ONE encoder call.
 
     ``sketch``: (1,3,H,W) in the sketch domain. The unconditional sketch is ``-1`` everywhere (a blank page,
-    method §3); its hints are not zero. Sketch strength ``k_ctl`` scales both (§3); the injection hints are
-    scaled by the sketch fidelity κ instead (§6.1) and skipped entirely when κ = 0.
-    Returns ``(sketch_hints, blank_hints, injection_hints | None)``, each a list of 5 (1,C,h,w) tensors.
+    method §3); its hints are not zero. Sketch strength ``k_ctl`` scales both (§3); the XL models also take one
+    strength per level, ``a_k = k_ctl · level_strengths[k]`` (method-xl §2.3). The injection hints are scaled by
+    the sketch fidelity κ instead (§6.1) and skipped entirely when κ = 0.
+    Returns ``(sketch_hints, blank_hints, injection_hints | None)``, each a list of one (1,C,h,w) tensor per level
+    (5 for the SD2.1 models, 4 for XL).
     """
     batch = [sketch, -torch.ones_like(sketch)]
     use_injection_hints = injection_reference is not None and injection_sketch_fidelity != 0.0
@@ -42,8 +45,12 @@ def encode_sketch_hints(sketch_encoder: torch.nn.Module, sketch: torch.Tensor, s
     hints = sketch_encoder(torch.cat(batch).to(device=device, dtype=_param_dtype(sketch_encoder)))
     if stats is not None:
         stats["sketch_encoder_calls"] = stats.get("sketch_encoder_calls", 0) + 1
-    sketch_hints = [h[0:1] * strength for h in hints]
-    blank_hints = [h[1:2] * strength for h in hints]
+    scales = [strength] * len(hints) if level_strengths is None else \
+        [float(strength) * float(level) for level in level_strengths]
+    if len(scales) != len(hints):
+        raise ValueError(f"{len(scales)} sketch strengths for {len(hints)} sketch-encoder levels")
+    sketch_hints = [h[0:1] * a for h, a in zip(hints, scales)]
+    blank_hints = [h[1:2] * a for h, a in zip(hints, scales)]
     injection_hints = [h[2:3] * injection_sketch_fidelity for h in hints] if use_injection_hints else None
     return sketch_hints, blank_hints, injection_hints
 
@@ -80,31 +87,32 @@ def reference_tokens(encode_full: Callable[[torch.Tensor], torch.Tensor], refere
 
 @torch.no_grad()
 def injection_latents(vae_encode: Callable[[torch.Tensor], object], reference_resized: torch.Tensor,
-                      seeds: Sequence[int]) -> torch.Tensor:
-    """``r_i = 0.18215 · VAE(reference resized to (H, W)).sample()`` for each image ``i``, its posterior noise drawn
-    on the CPU from ``seeds[i]`` (method §6.1). The reference is encoded once. Returns (len(seeds), 4, h, w)."""
+                      seeds: Sequence[int], latent_scale: float = LATENT_SCALE) -> torch.Tensor:
+    """``r_i = scale · VAE(reference resized to (H, W)).sample()`` for each image ``i`` (scale 0.18215, XL 0.13025),
+    its posterior noise drawn on the CPU from ``seeds[i]`` (method §6.1; method-xl §5.6). The reference is encoded
+    once. Returns (len(seeds), 4, h, w)."""
     posterior = vae_encode(reference_resized)
     mean, std = posterior.mean, posterior.std
     noise = torch.cat([torch.randn(mean.shape, generator=torch.Generator().manual_seed(int(seed)),
                                    dtype=torch.float32) for seed in seeds])
-    return LATENT_SCALE * (mean + std * noise.to(mean))
+    return latent_scale * (mean + std * noise.to(mean))
 
 
 @torch.no_grad()
 def build_injection(options: ColorizeOptions, vae_encode: Callable[[torch.Tensor], object],
                     reference_resized: torch.Tensor, hints: Optional[list], seeds: Sequence[int], *,
-                    dtype: torch.dtype, device=None) -> InjectionPlan:
+                    dtype: torch.dtype, device=None, latent_scale: float = LATENT_SCALE) -> InjectionPlan:
     """The attention-injection inputs (method §6.1) of a batch whose image ``i`` has seed ``seeds[i]``: its
     reference latent drawn with CPU noise seeded ``seeds[i]`` and its per-call ε from a generator seeded
     ``seeds[i] + 1``, so an image is the same in any batch and on every host."""
-    latents = injection_latents(vae_encode, reference_resized, seeds)
+    latents = injection_latents(vae_encode, reference_resized, seeds, latent_scale)
     return InjectionPlan(reference_latents=latents.to(device=device, dtype=dtype), hints=hints,
                          noise_generators=[torch.Generator().manual_seed(int(seed) + 1) for seed in seeds],
                          reference_fidelity=options.injection_reference_fidelity, start=options.injection_start)
 
 
 def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: list, tokens: torch.Tensor,
-               injection: Optional[InjectionPlan] = None) -> GenerationPlan:
+               injection: Optional[InjectionPlan] = None, vector: Optional[torch.Tensor] = None) -> GenerationPlan:
     """The plan of one generation from validated options and prepared tensors."""
     return GenerationPlan(
         mode=guidance_mode(options.reference_guidance, options.sketch_guidance),
@@ -116,4 +124,5 @@ def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: lis
         window=GuidanceWindow(options.guidance_start, options.guidance_end, options.no_guidance_start,
                               options.no_guidance_end),
         injection=injection,
+        vector=vector,
     )

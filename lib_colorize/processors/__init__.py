@@ -32,10 +32,11 @@ __all__ = ["HINT_BLOCKS", "BankRead", "BankWrite", "CrossAttentionScale", "Proce
 
 
 def for_generation(unet: nn.Module, layer_scales: Optional[Sequence[float]] = None,
-                   injection: bool = False) -> ProcessorSet:
-    """The processors of one generation: sketch hints always; the cross-attention scales when given (hooks only
-    where ``s_i`` is not 1); the injection pair when attention injection is on. Not installed yet."""
-    processors: list[Processor] = [SketchHints()]
+                   injection: bool = False, hint_blocks: Sequence[int] = HINT_BLOCKS) -> ProcessorSet:
+    """The processors of one generation: sketch hints always (after the family's ``hint_blocks``); the
+    cross-attention scales when given (hooks only where ``s_i`` is not 1); the injection pair when attention
+    injection is on. Not installed yet."""
+    processors: list[Processor] = [SketchHints(hint_blocks)]
     if layer_scales is not None:
         processors.append(CrossAttentionScale(layer_scales))
     if injection:
