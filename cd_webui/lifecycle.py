@@ -30,7 +30,7 @@ import torch
 
 from lib_colorize import conditioning
 from lib_colorize.errors import ColorizeError, InvalidInput
-from lib_colorize.guidance import cross_attention_scales
+from lib_colorize.guidance import cross_attention_scales, xl_cross_attention_scales
 from lib_colorize import processors as unet_processors
 from lib_colorize.options import NUM_ATTENTION_LAYERS, ColorizeOptions
 
@@ -50,6 +50,7 @@ class GenerationState:
     options: Optional[ColorizeOptions] = None
     error: Optional[BaseException] = None
     is_img2img: bool = False
+    info: Any = None                             # CheckpointInfo of the loaded model (version, family)
     scales: Optional[list] = None
     tokens: Optional[torch.Tensor] = None        # reference context (1, N, D), after manipulation
     processors: Optional[unet_processors.ProcessorSet] = None
@@ -106,11 +107,11 @@ def _raw_enabled(args: Sequence[Any], p) -> bool:
 
 
 def _pop_infotext(p) -> None:
-    from lib_colorize.infotext import INFOTEXT_KEYS
+    from lib_colorize.infotext import ALL_INFOTEXT_KEYS
 
     params = getattr(p, "extra_generation_params", None)
     if isinstance(params, dict):
-        for key in INFOTEXT_KEYS:
+        for key in ALL_INFOTEXT_KEYS:
             params.pop(key, None)
 
 
@@ -137,11 +138,19 @@ def process(p, *args) -> None:
     state.options = options
     setattr(p, STATE_ATTR, state)
     _wrap_sample(p, state)
-    p.extra_generation_params.update(options_to_infotext(options))
+    p.extra_generation_params.update(options_to_infotext(options, _loaded_version(p)))
     try:
         _prepare(p, state)
     except Exception as error:  # noqa: BLE001 - raised from p.sample (the runner would swallow it here)
         state.error = error
+
+
+def _loaded_version(p) -> Optional[str]:
+    """The ColorizeDiffusion version of the loaded checkpoint, None when it is not one (reported later)."""
+    try:
+        return model.require_colorize_model(_unet_of(p)[0]).version
+    except Exception:  # noqa: BLE001 - not a ColorizeDiffusion model: _prepare says so
+        return None
 
 
 def _check_supported(p) -> None:
@@ -183,16 +192,21 @@ def _prepare(p, state: GenerationState) -> None:
     options = state.options
     _check_supported(p)
     sd_model, unet = _unet_of(p)
-    model.require_colorize_model(sd_model)
+    state.info = info = model.require_colorize_model(sd_model)
+    options.check_version(info.version)
     if options.sketch is None:
         raise InvalidInput("sketch", "ColorizeDiffusion is enabled but no sketch was given")
-    state.scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
-                                          num_layers=NUM_ATTENTION_LAYERS)
     reference = prepare_reference(options.reference, options.pad_reference)
-    manipulations = options.active_manipulations
-    tokens = conditioning.reference_tokens(model.encode_reference_full, reference, manipulations,
-                                           model.encode_text if manipulations else None,
-                                           context_dim=_context_dim(unet))
+    if info.family.is_xl:
+        state.scales = xl_cross_attention_scales(info.version, options.reference_strength, options.level_scales)
+        tokens = conditioning.xl_reference_context(model.encode_xl_reference, reference, _context_dim(unet))
+    else:
+        state.scales = cross_attention_scales(options.reference_strength, options.level_scales,
+                                              options.layer_scales, num_layers=NUM_ATTENTION_LAYERS)
+        manipulations = options.active_manipulations
+        tokens = conditioning.reference_tokens(model.encode_reference_full, reference, manipulations,
+                                               model.encode_text if manipulations else None,
+                                               context_dim=_context_dim(unet))
     # the compute device, not the U-Net's parameters' (under --lowvram those wait on the CPU between calls)
     state.tokens = tokens.to(device=model.compute_device(), dtype=_unet_dtype(unet))
 
@@ -273,25 +287,41 @@ def batch_seeds(p, batch: int) -> list:
     return seeds
 
 
+def _first_stage_posterior(sd_model, image: torch.Tensor):
+    """The VAE posterior of ``image`` (its mean and std; the injection draws its own seeded sample): ldm's
+    ``encode_first_stage`` returns it; sgm's (XL) returns an already sampled and scaled latent, so the posterior
+    is taken from the first stage's encoder and ``quant_conv`` (method-xl §10.3 #8)."""
+    if not getattr(sd_model, "is_sdxl", False):
+        return sd_model.encode_first_stage(image)
+    from lib_colorize.models.vae import DiagonalGaussianDistribution
+
+    first_stage = sd_model.first_stage_model
+    return DiagonalGaussianDistribution(first_stage.quant_conv(first_stage.encoder(image)))
+
+
 def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, x) -> None:
     from lib_colorize.preprocess import prepare_sketch, reference_for_injection, tensor_to_images
 
     options = state.options
+    family = state.info.family
     sd_model, unet = _unet_of(p)
     if x is None:
         raise RuntimeError("ColorizeDiffusion: process_before_every_sampling got no latent")
     height, width = int(x.shape[-2]) * 8, int(x.shape[-1]) * 8
     device, dtype = x.device, _unet_dtype(unet)  # x lives where the U-Net computes (also under --lowvram)
     extractor = _extractor(options) if options.sketch_mode == "extract" else None
-    sketch, box = prepare_sketch(options.sketch, options.sketch_mode, (height, width), extractor)
+    sketch, box = prepare_sketch(options.sketch, options.sketch_mode, (height, width), extractor, xl=family.is_xl)
     injection_reference = None
     if options.injection and options.reference is not None:
         injection_reference = reference_for_injection(options.reference, (height, width))
     encoder = model.sketch_encoder(sd_model)
+    if family.is_xl:
+        encoder.rope = options.sketch_rope
     with model.on_device(encoder):
         sketch_hints, blank_hints, injection_hints = conditioning.encode_sketch_hints(
             encoder, sketch.to(model.compute_device()), options.sketch_strength, injection_reference,
-            options.injection_sketch_fidelity, state.stats)
+            options.injection_sketch_fidelity, state.stats,
+            level_strengths=options.sketch_level_strengths if family.is_xl else None)
 
     def to_unet(tensors):
         return None if tensors is None else [t.to(device=device, dtype=dtype) for t in tensors]
@@ -301,13 +331,16 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
         from modules import devices
 
         vae_input = injection_reference.to(device=device, dtype=getattr(devices, "dtype_vae", torch.float32))
-        injection = conditioning.build_injection(options, sd_model.encode_first_stage, vae_input,
-                                                 to_unet(injection_hints), batch_seeds(p, int(x.shape[0])),
-                                                 dtype=dtype, device=device)
+        injection = conditioning.build_injection(options, lambda image: _first_stage_posterior(sd_model, image),
+                                                 vae_input, to_unet(injection_hints),
+                                                 batch_seeds(p, int(x.shape[0])), dtype=dtype, device=device,
+                                                 latent_scale=family.latent_scale)
+    # XL: y of this pass's size (the hires pass has its own), on every row of every call (method-xl §2.2)
+    vector = conditioning.xl_vector(height, width).to(device=device, dtype=dtype) if family.is_xl else None
     plan = conditioning.build_plan(options, sketch_hints=to_unet(sketch_hints), blank_hints=to_unet(blank_hints),
-                                   tokens=state.tokens, injection=injection)
-    processors = unet_processors.for_generation(unet, layer_scales=state.scales,
-                                                injection=injection is not None).install()
+                                   tokens=state.tokens, injection=injection, vector=vector)
+    processors = unet_processors.for_generation(unet, layer_scales=state.scales, injection=injection is not None,
+                                                hint_blocks=family.hint_blocks).install()
     state.processors = processors
     context.plan, context.processors = plan, processors
     state.passes += 1

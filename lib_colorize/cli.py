@@ -73,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--schedule", default=None, help=f"one of {', '.join(SCHEDULES)}")
     sampling.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
     sampling.add_argument("--seed", type=int, default=None, help="seed; -1 random (default)")
-    sampling.add_argument("--width", type=int, default=None, help="multiple of 64; default keeps the sketch's "
-                                                                   "aspect ratio at the model's native size")
-    sampling.add_argument("--height", type=int, default=None, help="multiple of 64")
+    sampling.add_argument("--width", type=int, default=None, help="multiple of 64 (XL: 32); default keeps the "
+                                                                   "sketch's aspect ratio at the model's native "
+                                                                   "size (XL: --autofit)")
+    sampling.add_argument("--height", type=int, default=None, help="multiple of 64 (XL: 32)")
+    sampling.add_argument("--autofit", action=argparse.BooleanOptionalAction, default=None,
+                          help="XL models: size from the sketch by the XL app's rule (about 1024², multiples of "
+                               "32, each side in 768..1536); on by default for XL, --no-autofit gives 1024x1024")
     sampling.add_argument("--batch-size", type=int, default=None, help="images per sketch (default 1)")
     sampling.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     sampling.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -113,7 +117,7 @@ def sampling_from_args(args: argparse.Namespace, base: Optional[dict] = None):
 
     base = base or {}
     sampling = SamplingOptions(**{k: v for k, v in base.items() if k in SamplingOptions.__dataclass_fields__})
-    for name in ("sampler", "schedule", "steps", "seed", "width", "height", "batch_size"):
+    for name in ("sampler", "schedule", "steps", "seed", "width", "height", "batch_size", "autofit"):
         if getattr(args, name) is not None:
             setattr(sampling, name, getattr(args, name))
     return sampling
@@ -148,12 +152,12 @@ def read_infotext(path: str) -> tuple[dict, dict]:
 
 
 def parameters_text(options: ColorizeOptions, sampling, seed: int, width: int, height: int,
-                    checkpoint_name: str) -> str:
+                    checkpoint_name: str, version: Optional[str] = None) -> str:
     from .infotext import format_parameters_text, options_to_infotext
 
     params = {"Steps": sampling.steps, "Sampler": sampling.sampler, "Schedule type": sampling.schedule,
               "Seed": seed, "Size": f"{width}x{height}", "Model": checkpoint_name}
-    params.update(options_to_infotext(options))
+    params.update(options_to_infotext(options, version))
     return format_parameters_text("", params)
 
 
@@ -235,9 +239,13 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
 
         check_prompt_tokens(probe, count_tokens)
     sampling = sampling_from_args(args, base_sampling)
-    sampling.check()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     checkpoint_path = resolve_checkpoint(args.checkpoint, args.models_dir, allow_download=not args.offline)
+    from .checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(checkpoint_path)          # the key table only: what the options must fit
+    probe.check_version(info.version)
+    sampling.check(info.family.size_multiple)
 
     from .pipeline import Colorizer
 
@@ -276,7 +284,7 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
             steps.close()
             for i, (image, target) in enumerate(zip(result.images, targets)):
                 text = parameters_text(options, sampling, result.seed + i, result.width, result.height,
-                                       Path(checkpoint_path).stem)
+                                       Path(checkpoint_path).stem, info.version)
                 save_png_atomic(image, target, text)
             if result.sketch is not None:
                 save_png_atomic(result.sketch, targets[0].with_name(targets[0].stem + "-sketch.png"))

@@ -86,6 +86,16 @@ def reference_tokens(encode_full: Callable[[torch.Tensor], torch.Tensor], refere
 
 
 @torch.no_grad()
+def xl_reference_context(encode_full: Callable[[torch.Tensor], torch.Tensor], reference: Optional[torch.Tensor],
+                         context_dim: int, tokens: int = 196) -> torch.Tensor:
+    """The XL models' context (method-xl §3.5): the projector's 196 tokens of the reference, (1, 196, D); no
+    reference: zeros of that shape (the original's ``zeros_like`` of an embedding)."""
+    if reference is None:
+        return torch.zeros(1, tokens, context_dim)
+    return encode_full(reference)
+
+
+@torch.no_grad()
 def injection_latents(vae_encode: Callable[[torch.Tensor], object], reference_resized: torch.Tensor,
                       seeds: Sequence[int], latent_scale: float = LATENT_SCALE) -> torch.Tensor:
     """``r_i = scale · VAE(reference resized to (H, W)).sample()`` for each image ``i`` (scale 0.18215, XL 0.13025),

@@ -33,7 +33,16 @@ injection_sketch_fidelity     :func:`lib_colorize.conditioning.encode_sketch_hin
 crop_result                   :func:`lib_colorize.preprocess.crop_to_box`
 manipulations                 :func:`lib_colorize.manipulation.apply_manipulations`
 return_sketch, return_heatmap extra output images: ``Colorizer.colorize``, ``cd_webui.lifecycle.postprocess``
+sketch_strength_1..4 (XL)     :func:`lib_colorize.conditioning.encode_sketch_hints` (``a_k = k_ctl · s_k``,
+                              method-xl §2.3)
+sketch_rope (XL)              the XL sketch encoder's rotary positions
+                              (:class:`lib_colorize.models.sketch_encoder_xl.SketchEncoderXL`)
 ============================  ==========================================================================
+
+Some options only exist for some models (:data:`VERSION_ONLY`): the XL models have no text manipulation, no
+per-layer scales and no middle (sdxl: no low) level scale (method-xl §5.4, §5.7); the SD2.1 models have no
+per-level sketch strengths. A non-default value of an option the loaded model does not use is refused
+(:meth:`ColorizeOptions.check_version`); the UI hides them.
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import InvalidInput
+from .family import SD21_VERSIONS, XL_VERSIONS
 
 SKETCH_MODES = ("none", "invert", "extract")
 LINE_EXTRACTORS = ("lineart_keras", "lineart", "lineart_denoise", "lineart_standard")
@@ -54,6 +64,9 @@ MAX_PROMPT_CHARS = 1000
 DEFAULT_MAX_IMAGE_SIDE = 4096
 #: (minimum, maximum, step) of every cross-attention scale: level scales and the 16 layer scales (method §4.3).
 SCALE_RANGE = (0.0, 1.0, 0.05)
+#: The XL sketch encoder's rotary-position forms (method-xl §4, §12 #17); the default is the original app's.
+SKETCH_ROPE_MODES = ("cos", "rotation")
+SKETCH_LEVEL_FIELDS = tuple(f"sketch_strength_{k}" for k in range(1, 5))
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,15 @@ FIELDS: tuple[FieldSpec, ...] = (
           "Add the line art the model actually sees to the outputs."),
     _spec("return_heatmap", bool, False, "Show manipulation heat map",
           "Add the reference's manipulation heat map to the outputs."),
+    # ---------------------------------------------------------------- XL models only (method-xl §2.3, §4)
+    *(_spec(name, float, 1.0, f"Sketch strength {k}",
+            f"XL: multiplies the sketch encoder's level-{k} features (level 1 is the finest), on top of the "
+            "sketch strength.", 0.0, 3.0, 0.05, infotext=f"CD sketch strength {k}")
+      for k, name in enumerate(SKETCH_LEVEL_FIELDS, start=1)),
+    _spec("sketch_rope", str, "cos", "Sketch encoder positions",
+          "XL: the sketch encoder's rotary positions. cos is what the authors' app computes (its fp16 cast "
+          "keeps only the cosine of the rotation); rotation is the full rotation the encoder was presumably "
+          "trained with.", choices=SKETCH_ROPE_MODES, infotext="CD sketch rope"),
 )
 
 FIELD_BY_NAME: dict[str, FieldSpec] = {f.name: f for f in FIELDS}
@@ -222,6 +244,11 @@ class ColorizeOptions:
     manipulations: tuple = ()
     return_sketch: bool = False
     return_heatmap: bool = False
+    sketch_strength_1: float = 1.0
+    sketch_strength_2: float = 1.0
+    sketch_strength_3: float = 1.0
+    sketch_strength_4: float = 1.0
+    sketch_rope: str = "cos"
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -274,6 +301,24 @@ class ColorizeOptions:
             raise InvalidInput("no_guidance_start", f"must not exceed no_guidance_end "
                                                     f"({self.no_guidance_start} > {self.no_guidance_end})")
 
+    def check_version(self, version: str) -> None:
+        """Refuse options that the model ``version`` does not use (see :data:`VERSION_ONLY`), when they are not
+        at their defaults: an :class:`InvalidInput` naming the option and the models it applies to."""
+        if not self.enabled:
+            return
+        for name, versions in VERSION_ONLY.items():
+            if version in versions:
+                continue
+            value, default = _option_value(self, name), _option_default(name)
+            if value != default:
+                raise InvalidInput(name, f"applies to {_version_names(versions)} models only; the loaded model is "
+                                         f"{version} (leave it at {default!r})")
+
+    @property
+    def sketch_level_strengths(self) -> tuple:
+        """(s₁, s₂, s₃, s₄) of the XL sketch encoder's four levels."""
+        return tuple(getattr(self, name) for name in SKETCH_LEVEL_FIELDS)
+
     def replace(self, **changes: Any) -> "ColorizeOptions":
         return dataclasses.replace(self, **changes)
 
@@ -293,6 +338,37 @@ class ColorizeOptions:
         if include_images:
             out["sketch"], out["reference"] = self.sketch, self.reference
         return out
+
+
+# ---------------------------------------------------------------------- options per model version
+_SD21, _XL = SD21_VERSIONS, XL_VERSIONS
+
+#: Options (or ``level_scales.<level>``) that only some model versions use; every other option applies to all.
+VERSION_ONLY: dict[str, tuple[str, ...]] = {
+    "layer_scales": _SD21, "manipulations": _SD21, "return_heatmap": _SD21,
+    "level_scales.middle": _SD21, "level_scales.low": _SD21 + ("xlv2",),
+    **{name: _XL for name in SKETCH_LEVEL_FIELDS}, "sketch_rope": _XL,
+}
+
+
+def applies_to(name: str, version: Optional[str]) -> bool:
+    """Whether option ``name`` does something on model ``version`` (None: unknown, everything shown)."""
+    return version is None or version in VERSION_ONLY.get(name, (version,))
+
+
+def _option_value(options: "ColorizeOptions", name: str) -> Any:
+    if name.startswith("level_scales."):
+        return getattr(options.level_scales, name.split(".", 1)[1])
+    return getattr(options, name)
+
+
+def _option_default(name: str) -> Any:
+    return _option_value(ColorizeOptions(), name)
+
+
+def _version_names(versions: Sequence[str]) -> str:
+    return "SD2.1-based (v1, v1.5, v2)" if tuple(versions) == _SD21 else \
+        "XL (sdxl, xlv2)" if tuple(versions) == _XL else ", ".join(versions)
 
 
 # ---------------------------------------------------------------------- field parsers

@@ -29,6 +29,10 @@ class ColorizeDiffusionScript(scripts.Script):
     def ui(self, is_img2img):
         return ui.build_ui(self, is_img2img)
 
+    def after_component(self, component, **kwargs):
+        if kwargs.get("elem_id") == "setting_sd_model_checkpoint":
+            ui.bind_checkpoint_dropdown(self, component)
+
     def before_process(self, p, *args):
         lifecycle.before_process(p, *args)
 

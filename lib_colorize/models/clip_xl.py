@@ -39,6 +39,21 @@ def bigg_config() -> dict:
     return copy.deepcopy(config)
 
 
+def clip_config_for(arch: Optional[str]) -> Optional[dict]:
+    """The open_clip config of an image-tower architecture for the XL reference encoder: None (ViT-bigG-14) for
+    the default names, else ``arch``'s registered config (e.g. a reduced one for tests)."""
+    if arch in (None, "", BIGG_ARCH, "ViT-H-14"):
+        return None
+    import open_clip
+
+    config = open_clip.get_model_config(arch)
+    if not config:
+        from ..errors import InvalidInput
+
+        raise InvalidInput("clip_arch", f"unknown open_clip architecture {arch!r}")
+    return copy.deepcopy(config)
+
+
 def build_vision_tower(config: Optional[Mapping] = None) -> nn.Module:
     """open_clip's vision tower for ``config`` (``{"embed_dim", "vision_cfg"}``; default ViT-bigG-14) on the meta
     device: no storage and no initialisation, ready for ``load_state_dict(assign=True)``."""

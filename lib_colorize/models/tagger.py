@@ -41,6 +41,34 @@ def build_tagger(arch: Optional[Mapping] = None) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def tagger_arch_from_shapes(shapes: Mapping[str, "torch.Size | tuple"]) -> dict:
+    """The SwinV2 arguments of a tagger file from its tensor shapes (timm names): embedding width, blocks per
+    stage, heads per stage (``logit_scale`` is (heads, 1, 1)), classes; 448 px and window 14 as released. The
+    released shapes give :data:`WD_TAGGER_ARCH`."""
+    import re as _re
+
+    depths, heads = {}, {}
+    for key, shape in shapes.items():
+        match = _re.match(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.logit_scale$", key)
+        if match:
+            stage, block = int(match.group(1)), int(match.group(2))
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+            heads[stage] = int(shape[0])
+    try:
+        embed_dim = int(shapes["patch_embed.proj.weight"][0])
+        classes = int(shapes["head.fc.weight"][0])
+    except KeyError as error:
+        raise ValueError(f"not a SwinV2 tagger file (no {error.args[0]})") from None
+    stages = sorted(depths)
+    arch = {"model_name": None, "img_size": WD_IMAGE_SIZE, "window_size": 14, "embed_dim": embed_dim,
+            "depths": tuple(depths[s] for s in stages), "num_heads": tuple(heads[s] for s in stages),
+            "num_classes": classes, "global_pool": "avg", "act_layer": "gelu"}
+    released = {"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32), "num_classes": 9083}
+    if all(arch[k] == v for k, v in released.items()):
+        return dict(WD_TAGGER_ARCH)
+    return arch
+
+
 def preprocess_tagger(images: torch.Tensor, size: int = WD_IMAGE_SIZE) -> torch.Tensor:
     """Reference (B, 3, H, W) in [-1, 1] -> tagger input (B, 3, size, size) in BGR order, float32."""
     x = F.interpolate(images.float(), (size, size), mode="bicubic", align_corners=True, antialias=True)
@@ -76,11 +104,14 @@ class WDTagger(nn.Module):
 
 def load_tagger(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                 arch: Optional[Mapping] = None) -> WDTagger:
-    """The tagger from its ``model.safetensors`` (timm names), every parameter required."""
+    """The tagger from its ``model.safetensors`` (timm names), every parameter required. ``arch``: the SwinV2
+    arguments; default: read from the file's shapes (:func:`tagger_arch_from_shapes`)."""
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(os.fspath(path), device="cpu")
+        if arch is None:
+            arch = tagger_arch_from_shapes({k: tuple(v.shape) for k, v in tensors.items()})
     except Exception as error:
         raise CheckpointError(path, f"cannot read the WD tagger weights ({type(error).__name__}: {error})") from None
     model = build_tagger(arch)

@@ -89,3 +89,23 @@ class XLReferenceEncoder:
         projector = self.projector.to(self.device)
         self.encode_calls += 1
         return projector(clip_tokens, wd_tokens)
+
+
+def xl_reference_encoder(projector: nn.Module, models_dir: str, *, allow_download: bool = True,
+                         device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32,
+                         keep: Optional[str] = None, download=None, endpoint: Optional[str] = None,
+                         clip_config: Optional[dict] = None, tagger_arch: Optional[dict] = None) -> XLReferenceEncoder:
+    """The XL reference encoder over the weight files in ``models_dir`` (found, or downloaded there first, so a
+    missing file is reported before any model is loaded; :mod:`lib_colorize.xl_weights`). ``clip_config`` /
+    ``tagger_arch``: other architectures than the released ones (reduced test widths)."""
+    from ..xl_weights import CLIP_BIGG, WD_TAGGER, ensure_weight_file
+    from .clip_xl import load_clip_bigg
+    from .tagger import load_tagger
+
+    clip_path = ensure_weight_file(CLIP_BIGG, models_dir, allow_download=allow_download, endpoint=endpoint,
+                                   download=download)
+    tagger_path = ensure_weight_file(WD_TAGGER, models_dir, allow_download=allow_download, endpoint=endpoint,
+                                     download=download)
+    return XLReferenceEncoder(lambda: load_clip_bigg(clip_path, dtype=dtype, config=clip_config),
+                              lambda: load_tagger(tagger_path, dtype=dtype, arch=tagger_arch),
+                              projector, device=device, dtype=dtype, keep=keep)

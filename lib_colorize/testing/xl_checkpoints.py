@@ -247,6 +247,17 @@ TINY_TAGGER_ARCH = {"model_name": None, "img_size": 448, "window_size": 14, "emb
                     "num_heads": (1, 1, 2, 2), "num_classes": 12, "global_pool": "avg", "act_layer": "gelu"}
 
 
+TINY_BIGG_NAME = "cd-tiny-bigg"
+
+
+def register_tiny_bigg() -> str:
+    """Register :data:`TINY_BIGG_CONFIG` as the open_clip architecture ``cd-tiny-bigg`` (for ``--clip-arch``)."""
+    from .clip import register_tiny_clip
+
+    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}
+    return register_tiny_clip(TINY_BIGG_NAME, {**TINY_BIGG_CONFIG, "text_cfg": text})
+
+
 def _kind(key: str, shape: Sequence[int]) -> str:
     leaf = key.rsplit(".", 1)[-1]
     if len(shape) >= 2 or leaf in ("class_embedding",):
@@ -337,6 +348,17 @@ def make_tagger_weights(path: "str | os.PathLike[str]", size: str = "tiny", seed
     # SwinV2's attention temperature: log(10) as timm initialises it (a random one would saturate the softmax)
     special = {k: torch.full(shape, math.log(10.0)) for k, (shape, _) in lay.items() if k.endswith("logit_scale")}
     return _write_random(path, lay, seed, dtype, special)
+
+
+def make_xl_encoder_weights(folder: "str | os.PathLike[str]", size: str = "tiny", seed: int = 0,
+                            dtype: torch.dtype = torch.float32) -> Dict[str, str]:
+    """Random CLIP ViT-bigG-14 and WD-tagger files under the names the extension looks for
+    (:mod:`lib_colorize.xl_weights`) in ``folder``."""
+    from ..xl_weights import CLIP_BIGG, WD_TAGGER
+
+    os.makedirs(folder, exist_ok=True)
+    return {"clip": make_clip_bigg_weights(os.path.join(folder, CLIP_BIGG.filename), size, seed, dtype),
+            "tagger": make_tagger_weights(os.path.join(folder, WD_TAGGER.filename), size, seed + 1, dtype)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -13,7 +13,7 @@ from lib_colorize.errors import CheckpointError, MissingWeights
 from lib_colorize.models.clip import preprocess_reference
 from lib_colorize.models.clip_xl import hf_to_open_clip, load_clip_bigg, preprocess_reference_xl
 from lib_colorize.models.projector import ClusterConcat, ProjectorConfig
-from lib_colorize.models.tagger import build_tagger, load_tagger, preprocess_tagger
+from lib_colorize.models.tagger import WD_TAGGER_ARCH, build_tagger, load_tagger, preprocess_tagger
 from lib_colorize.models.xl_reference import XLReferenceEncoder
 from lib_colorize.testing.xl_checkpoints import (TINY_BIGG_CONFIG, TINY_TAGGER_ARCH, clip_bigg_shapes,
                                                  hf_clip_shapes, make_clip_bigg_weights, make_tagger_weights,
@@ -122,7 +122,8 @@ def test_tagger_tokens_are_timms_features_of_the_bgr_stretched_reference(files):
 def test_tagger_full_size_layout_and_a_wrong_file(files):
     assert sum(math.prod(s) for s in tagger_shapes().values()) == 96_203_891    # method-xl §1.4
     with pytest.raises(CheckpointError, match="do not match"):
-        load_tagger(files["tagger"])
+        load_tagger(files["tagger"], arch=WD_TAGGER_ARCH)
+    assert load_tagger(files["tagger"]).image_size == 448        # the architecture read from the file
 
 
 def test_context_is_the_projection_of_both_encoders_and_the_encoders_are_staged(files):
