@@ -251,7 +251,8 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
 
     colorizer = Colorizer.from_files(checkpoint_path, clip_arch=clip_architecture(args.clip_arch), clip_weights=args.clip_weights,
                                      models_dir=os.path.join(args.models_dir, "ColorizeDiffusion"),
-                                     device=device, dtype=dtype, allow_download=not args.offline)
+                                     device=device, dtype=dtype, allow_download=not args.offline,
+                                     encode_first=(probe,))
     if args.visualize:
         heatmap = colorizer.heatmap(probe)
         save_png_atomic(heatmap, Path(args.out))

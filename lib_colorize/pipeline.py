@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -22,9 +22,9 @@ from PIL import Image
 from . import conditioning
 from .denoiser import guided_call
 from .errors import InvalidInput
-from .guidance import cross_attention_scales
+from .guidance import cross_attention_scales, xl_cross_attention_scales
 from . import processors as unet_processors
-from .guidance import xl_cross_attention_scales
+from .family import family_of
 from .options import NUM_ATTENTION_LAYERS, ColorizeOptions
 from .preprocess import (autofit_size, check_resolution, crop_to_box, default_size_for, prepare_reference,
                          prepare_sketch, reference_for_injection, tensor_to_images)
@@ -109,7 +109,7 @@ class Colorizer:
         from .models.clip import ReferenceTokenCache
 
         self.checkpoint = checkpoint
-        self.family = checkpoint.info.family
+        self.family = family_of(checkpoint.info.version)
         self.unet, self.vae, self.sketch_encoder = checkpoint.unet, checkpoint.vae, checkpoint.sketch_encoder
         self.clip = clip
         self.device = torch.device(device)
@@ -127,7 +127,8 @@ class Colorizer:
 
     @classmethod
     def from_files(cls, checkpoint_path, *, clip_arch="ViT-H-14", clip_weights=None, models_dir=None,
-                   device="cpu", dtype=torch.float32, allow_download=True) -> "Colorizer":
+                   device="cpu", dtype=torch.float32, allow_download=True,
+                   encode_first: Sequence[ColorizeOptions] = ()) -> "Colorizer":
         from .checkpoint import inspect_checkpoint, load_checkpoint
         from .models.clip import load_clip
 
@@ -135,7 +136,8 @@ class Colorizer:
             from .models.clip_xl import clip_config_for
 
             return cls.from_xl_files(checkpoint_path, models_dir=models_dir, device=device, dtype=dtype,
-                                     allow_download=allow_download, clip_config=clip_config_for(clip_arch))
+                                     allow_download=allow_download, clip_config=clip_config_for(clip_arch),
+                                     encode_first=encode_first)
         checkpoint = load_checkpoint(checkpoint_path, dtype=dtype, device=device)
         # CLIP is loaded on the CPU: Colorizer moves the image tower to the GPU only for an encode
         clip = load_clip(clip_arch, weights=clip_weights, models_dir=models_dir, allow_download=allow_download,
@@ -147,23 +149,44 @@ class Colorizer:
 
     @classmethod
     def from_xl_files(cls, checkpoint_path, *, models_dir=None, device="cpu", dtype=torch.float32,
-                      allow_download=True, clip_config=None, tagger_arch=None) -> "Colorizer":
-        """An XL checkpoint and its reference encoder's weight files in ``models_dir`` (method-xl §1.4): the files
-        are found (or downloaded) before anything is loaded; the encoders load at their first encode."""
-        from .checkpoint import load_checkpoint
+                      allow_download=True, clip_config=None, tagger_arch=None, encoder_dtype=None,
+                      encode_first: Sequence[ColorizeOptions] = (),
+                      on_stage: Optional[Callable[[str], None]] = None) -> "Colorizer":
+        """An XL checkpoint and its reference encoder's weight files in ``models_dir`` (method-xl §1.4).
+
+        Staged (method-xl §9): the encoders' files are found (or downloaded) before anything is loaded; the
+        references of ``encode_first`` (a folder run's one reference) are encoded before the U-Net is loaded,
+        each encoder loaded for its encode and released, so the peak is the larger of the two stages, not their
+        sum; any other reference is encoded when it comes. ``encoder_dtype``: default ``dtype`` on a GPU,
+        float32 on the CPU. ``on_stage(name)`` is called after "references encoded" (memory benchmarks).
+        """
+        from .checkpoint import PROJECTOR_PREFIX, load_checkpoint, read_tensors
+        from .models.clip import ReferenceTokenCache
+        from .models.projector import ClusterConcat
         from .models.xl_reference import xl_reference_encoder
 
         if models_dir is None:
             raise InvalidInput("models_dir", "the XL models need the folder of their reference encoders' weights")
-        reference = xl_reference_encoder(None, models_dir, allow_download=allow_download, device=device,
-                                         dtype=dtype if torch.device(device).type != "cpu" else torch.float32,
-                                         clip_config=clip_config, tagger_arch=tagger_arch)
-        checkpoint = load_checkpoint(checkpoint_path, dtype=dtype, device=device)
+        if encoder_dtype is None:
+            encoder_dtype = dtype if torch.device(device).type != "cpu" else torch.float32
+        projector = ClusterConcat.from_state_dict(read_tensors(checkpoint_path, PROJECTOR_PREFIX))
+        projector = projector.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        reference = xl_reference_encoder(projector, models_dir, allow_download=allow_download, device=device,
+                                         dtype=encoder_dtype, clip_config=clip_config, tagger_arch=tagger_arch)
+        cache = ReferenceTokenCache()
+        for options in encode_first:
+            image = prepare_reference(options.reference, options.pad_reference)
+            if image is not None:
+                cache.get_or_encode(reference, image.float())
+        if on_stage is not None:
+            on_stage("references encoded")
+        checkpoint = load_checkpoint(checkpoint_path, dtype=dtype, device=device,
+                                     components=("unet", "vae", "sketch_encoder"))
+        checkpoint.projector = projector
         if dtype == torch.float16:
             checkpoint.vae.float()   # the SDXL VAE overflows in fp16 (method-xl §7.3, §12 #11)
-        reference.projector = checkpoint.projector
         return cls(checkpoint, reference, device=device, dtype=dtype, models_dir=models_dir,
-                   allow_download=allow_download)
+                   allow_download=allow_download, token_cache=cache)
 
     # ------------------------------------------------------------------ pieces
     @property

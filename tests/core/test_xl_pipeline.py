@@ -134,3 +134,24 @@ def test_cli_runs_xl_and_refuses_an_sd21_option_before_loading(models, tmp_path,
     assert "layer_scales: applies to SD2.1-based" in capsys.readouterr().err
     assert cli.main(common + ["--out", str(tmp_path / "bad.png"), "--width", "100", "--height", "64"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_a_runs_one_reference_is_encoded_before_the_unet_is_loaded(models):
+    root, checkpoint = models
+    options = ColorizeOptions(enabled=True, sketch=sketch_image(), reference=REFERENCE)
+    order = []
+    import lib_colorize.checkpoint as checkpoint_module
+
+    original = checkpoint_module.load_checkpoint
+    try:
+        checkpoint_module.load_checkpoint = lambda *a, **k: (order.append("U-Net loaded"), original(*a, **k))[1]
+        colorizer = Colorizer.from_xl_files(checkpoint, models_dir=str(root / "ColorizeDiffusion"),
+                                            clip_config=TINY_BIGG_CONFIG, encode_first=(options,),
+                                            on_stage=order.append)
+    finally:
+        checkpoint_module.load_checkpoint = original
+    assert order == ["references encoded", "U-Net loaded"]
+    encoder = colorizer.reference_encoder
+    assert encoder.encode_calls == 1 and not encoder._loaded           # encoders dropped after their encode
+    colorizer.colorize(options, SamplingOptions(width=64, height=64, steps=1, sampler="Euler"))
+    assert encoder.encode_calls == 1 and colorizer.token_cache.hits == 1
