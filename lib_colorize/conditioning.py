@@ -85,6 +85,49 @@ def reference_tokens(encode_full: Callable[[torch.Tensor], torch.Tensor], refere
     return full[:, 1:]
 
 
+def crop_scale(height: float, width: float, background_height: float, background_width: float) -> tuple:
+    """``(c_h, c_w)`` of xlv2's ReferenceNet (method-xl §6.2, the original's ``get_crop_scale``): the share of the
+    background that the generation's aspect ratio covers; 1 along the side that fits."""
+    if width / height > background_width / background_height:
+        return (height / width) * (background_width / background_height), 1.0
+    return 1.0, (width / height) * (background_height / background_width)
+
+
+def reference_net_vector(height: int, width: int, background_height: int, background_width: int) -> torch.Tensor:
+    """xlv2's ReferenceNet ``y_bg = [E₂₅₆(0) | E₂₅₆(0) | E₂₅₆(c_h) | E₂₅₆(c_w)]`` (1, 1024) float32 (crop top, crop
+    left, then :func:`crop_scale`; method-xl §6.2)."""
+    from .models.unet import timestep_embedding
+
+    c_h, c_w = crop_scale(height, width, background_height, background_width)
+    return timestep_embedding(torch.tensor([0.0, 0.0, float(c_h), float(c_w)]), 256).reshape(1, -1)
+
+
+def reference_net_input(background_latent: torch.Tensor, sketch_mask: torch.Tensor,
+                        reference_mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``x_bg = [z_bg | m_s | m_r]`` (1, 6, h, w): the masks (1, 1, ·, ·) bicubic-resized to the generation size
+    (``size`` = (H, W)) and nearest-downsampled by 8 to the latent (method-xl §6.2)."""
+    def latent_mask(mask):
+        full = torch.nn.functional.interpolate(mask.float(), size=tuple(size), mode="bicubic")
+        return torch.nn.functional.interpolate(full, scale_factor=0.125)
+
+    masks = [latent_mask(m).to(background_latent) for m in (sketch_mask, reference_mask)]
+    return torch.cat([background_latent] + masks, dim=1)
+
+
+@torch.no_grad()
+def reference_net_banks(reference_net: torch.nn.Module, x_bg: torch.Tensor, y_bg: torch.Tensor):
+    """xlv2's ReferenceNet pass, once per generation at timestep 0 (method-xl §6.2-6.3): the ``attn1`` inputs of its
+    36 decoder blocks, the banks the U-Net's decoder reads. The ReferenceNet can be released afterwards."""
+    from .processors import ProcessorSet, ReferenceNetBanks, ReferenceNetBankWrite, UNetCall
+
+    banks = ReferenceNetBanks()
+    dtype = next(reference_net.parameters()).dtype
+    with ProcessorSet(reference_net, [ReferenceNetBankWrite()]) as processors, \
+            processors.call(UNetCall(reference_net=banks)):
+        reference_net(x_bg.to(dtype), torch.zeros(1, device=x_bg.device), None, y_bg)
+    return banks
+
+
 @torch.no_grad()
 def xl_reference_context(encode_full: Callable[[torch.Tensor], torch.Tensor], reference: Optional[torch.Tensor],
                          context_dim: int, tokens: int = 196) -> torch.Tensor:

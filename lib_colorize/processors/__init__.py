@@ -8,6 +8,8 @@ processor                   hooks                                       user opt
 :class:`ReferenceBankWrite` ``attn1`` inputs (reference pass)            injection, injection_start,
                                                                         injection_sketch_fidelity (the pass's hints)
 :class:`ReferenceBankRead`  ``attn1`` keys/values and output             injection_reference_fidelity
+:class:`ReferenceNetBankWrite` the ReferenceNet's decoder ``attn1`` inputs xlv2 low-level injection (its banks)
+:class:`ReferenceNetBankRead` U-Net decoder ``attn1`` output (masked)     xlv2 low-level injection (sketch mask)
 ==========================  ==========================================  ==================================================
 
 :func:`for_generation` builds the set of one generation; the denoiser (:mod:`lib_colorize.denoiser`) enters a
@@ -24,10 +26,13 @@ from .base import (HINT_BLOCKS, Processor, ProcessorSet, UNetCall, live_count, r
                    transformer_blocks)
 from .injection import (BankRead, BankWrite, ReferenceBank, ReferenceBankRead, ReferenceBankWrite,
                         WritePassDone)
+from .reference_net import (ReferenceNetBankRead, ReferenceNetBankWrite, ReferenceNetBanks, ReferenceNetRead,
+                            decoder_transformer_blocks)
 from .sketch_hints import SketchHints
 
 __all__ = ["HINT_BLOCKS", "BankRead", "BankWrite", "CrossAttentionScale", "Processor", "ProcessorSet",
-           "ReferenceBank", "ReferenceBankRead", "ReferenceBankWrite", "SketchHints", "UNetCall",
+           "ReferenceBank", "ReferenceBankRead", "ReferenceBankWrite", "ReferenceNetBankRead", "ReferenceNetBankWrite",
+           "ReferenceNetBanks", "ReferenceNetRead", "SketchHints", "UNetCall", "decoder_transformer_blocks",
            "WritePassDone", "for_generation", "live_count", "remove_all", "transformer_blocks"]
 
 

@@ -44,10 +44,13 @@ class UNetCall:
     ``sketch_hints``: the five hint levels for this call's rows (or one row, broadcast), None for no hints.
     ``bank``: the attention-injection step of this call (:mod:`~lib_colorize.processors.injection`): a
     ``BankWrite`` (reference pass) or a ``BankRead``; None outside injection.
+    ``reference_net``: xlv2's ReferenceNet attention control (:mod:`~lib_colorize.processors.reference_net`):
+    the banks being written (the ReferenceNet's pass) or a ``ReferenceNetRead`` (U-Net calls); None otherwise.
     """
 
     sketch_hints: Optional[Sequence[torch.Tensor]] = None
     bank: Optional[object] = None
+    reference_net: Optional[object] = None
 
 
 #: Read access to the current per-call plan; None between calls.
