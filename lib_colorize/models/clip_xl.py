@@ -179,7 +179,10 @@ def load_clip_bigg(path: str, *, dtype: torch.dtype = torch.float32, device="cpu
         detail = "; ".join(f"{label}: {', '.join(keys[:4])}" for label, keys in (("missing", missing),
                                                                                 ("wrong shape", wrong)) if keys)
         raise CheckpointError(path, f"the CLIP image-tower weights do not match {BIGG_ARCH} ({detail})")
-    tower.load_state_dict({k: tensors[k].to(dtype) for k in own}, strict=True, assign=True)
+    # converted one tensor at a time, each stored copy dropped as it goes: the peak stays near one tower
+    state = {k: tensors.pop(k).to(dtype) for k in own}
     del tensors
+    tower.load_state_dict(state, strict=True, assign=True)
+    del state
     encoder = XLClipEncoder(tower)
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
