@@ -265,7 +265,7 @@ def build_ui(script, is_img2img: bool) -> list:
             size_button = gr.Button("Use sketch size", size="sm", elem_id=script.elem_id("use_sketch_size"),
                                     elem_classes="cd-size-button")
             _tooltip(size_button, "Set width and height to the sketch's aspect ratio (about 512 x 512 pixels, "
-                                  "multiples of 64).")
+                                  "multiples of 64; XL models: about 1024 x 1024, multiples of 32).")
 
         mode = FIELD_BY_NAME["sketch_mode"]
         extractor = FIELD_BY_NAME["line_extractor"]
@@ -386,7 +386,7 @@ def build_ui(script, is_img2img: bool) -> list:
     tab = _tab_name(script, is_img2img)
     size_button.click(fn=None, inputs=None, outputs=None,
                       _js=f"function(){{ colorizeDiffusionUseSketchSize('{tab}', "
-                          f"'{slot_elem_id(script, 'sketch')}'); return []; }}")
+                          f"'{slot_elem_id(script, 'sketch')}', '{script.elem_id('xl_row')}'); return []; }}")
 
     adaptive = [parts[part] for part, _ in ADAPTIVE_PARTS]
     enabled.change(fn=lambda _on: visibility_for(selected_version()), inputs=[enabled], outputs=adaptive,

@@ -3,7 +3,11 @@ and 512-wide ``y`` in every U-Net call of every pass (hires fix too), the refine
 checks, XL infotext, and the accordion adapting to the model."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +156,15 @@ def test_the_accordion_adapts_to_the_model():
     assert shown("v1") == {"xl_row": False, "layers_accordion": True, "manipulation_accordion": True,
                            "return_heatmap": True, "level_scales.middle": True, "level_scales.low": True}
     assert all(shown(None).values())
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_use_sketch_size_for_xl_is_the_autofit_rule():
+    from lib_colorize.preprocess import autofit_size
+
+    js = Path(__file__).resolve().parents[2] / "javascript" / "colorize_diffusion.js"
+    sizes = [(200, 150), (1000, 1000), (100, 1000), (1920, 1080), (777, 333)]
+    script = (f"globalThis.window = globalThis; require({str(js)!r});"
+              f"console.log(JSON.stringify({json.dumps(sizes)}.map(s => window.colorizeDiffusionAutofitXL(...s))));")
+    out = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert json.loads(out) == [list(autofit_size(s)) for s in sizes]
