@@ -155,3 +155,19 @@ def test_a_runs_one_reference_is_encoded_before_the_unet_is_loaded(models):
     assert encoder.encode_calls == 1 and not encoder._loaded           # encoders dropped after their encode
     colorizer.colorize(options, SamplingOptions(width=64, height=64, steps=1, sampler="Euler"))
     assert encoder.encode_calls == 1 and colorizer.token_cache.hits == 1
+
+
+def test_attention_injection_runs_on_the_70_xl_blocks_with_y_in_the_reference_pass(colorizer):
+    options = ColorizeOptions(enabled=True, sketch=sketch_image(), reference=REFERENCE, reference_guidance=4.0)
+    sampling = SamplingOptions(width=64, height=64, steps=2, seed=3, sampler="Euler")
+    seen = []
+    handle = colorizer.unet.label_emb.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    try:
+        plain = colorizer.colorize(options, sampling)
+        injected = colorizer.colorize(options.replace(injection=True, injection_reference_fidelity=0.7), sampling)
+    finally:
+        handle.remove()
+    assert injected.stats["write_rows"] == 4            # 2 steps × the two distinct contexts of [c | u_ref]
+    assert len(seen) == 2 + 4                            # every call, reference passes included, got y
+    a, b = (np.asarray(r.images[0], dtype=np.float64) for r in (plain, injected))
+    assert np.abs(a - b).max() > 0
