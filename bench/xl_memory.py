@@ -109,10 +109,11 @@ def _tiny_files(folder: str) -> tuple[str, str]:
     return make_xl_checkpoint(os.path.join(folder, "sdxl-tiny.safetensors"), "sdxl", seed=2), models
 
 
-def run(checkpoint: str, models_dir: str, size: int, dtype: str, tiny: bool, out=sys.stdout) -> dict:
+def run(checkpoint: str, models_dir: str, size: int, dtype: str, tiny: bool, out=sys.stdout,
+        configs: Sequence[str] = CONFIGS) -> dict:
     results = {}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for config in CONFIGS:
+    for config in configs:
         command = [sys.executable, "-m", "bench.xl_memory", "--worker", config, "--checkpoint", checkpoint,
                    "--models-dir", models_dir, "--size", str(size), "--dtype", dtype] + (["--tiny"] if tiny else [])
         proc = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=7200,
@@ -127,10 +128,11 @@ def run(checkpoint: str, models_dir: str, size: int, dtype: str, tiny: bool, out
         for stage in data["stages"]:
             print(f"| {config} | {stage['stage']} | {_size(stage['parameter_bytes'])} | {stage['rss_gib']:.2f} GiB | "
                   f"{stage['peak_rss_gib']:.2f} GiB |", file=out)
-    ratio = results["staged"]["peak_rss_gib"] / results["resident"]["peak_rss_gib"]
-    figures = {"staged_peak_rss_gib": results["staged"]["peak_rss_gib"],
-               "resident_peak_rss_gib": results["resident"]["peak_rss_gib"], "peak_rss_ratio_staged": round(ratio, 3)}
-    print(f"\npeak RSS staged / resident: {ratio:.3f}", file=out)
+    figures = {f"{config}_peak_rss_gib": data["peak_rss_gib"] for config, data in results.items()}
+    if len(results) == len(CONFIGS):
+        ratio = results["staged"]["peak_rss_gib"] / results["resident"]["peak_rss_gib"]
+        figures["peak_rss_ratio_staged"] = round(ratio, 3)
+        print(f"\npeak RSS staged / resident: {ratio:.3f}", file=out)
     print(json.dumps(figures), file=out)
     return figures
 
@@ -143,6 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="tiny random files (smoke test)")
+    parser.add_argument("--runs", default=",".join(CONFIGS), help="which runs, comma separated (default both)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -156,7 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if not (args.checkpoint and args.models_dir):
         parser.error("--checkpoint and --models-dir are needed (or --quick)")
-    run(args.checkpoint, args.models_dir, args.size, args.dtype, tiny=False)
+    run(args.checkpoint, args.models_dir, args.size, args.dtype, tiny=False,
+        configs=[c for c in args.runs.split(",") if c in CONFIGS])
     return 0
 
 

@@ -137,16 +137,16 @@ def hf_to_open_clip(sd: Mapping[str, torch.Tensor]) -> dict:
 
 def read_vision_tensors(path: str) -> dict:
     """The image tower's tensors of an open_clip (``visual.*``) or transformers (``vision_model.*``) file, in
-    open_clip's names. Only those tensors are read (``.safetensors`` key by key; ``.bin`` memory-mapped)."""
+    open_clip's names. Only those tensors are read (``.safetensors`` key by key into their own memory; ``.bin``
+    memory-mapped)."""
     def wanted(key: str) -> bool:
         return key.startswith(("visual.", "vision_model.")) or key == "visual_projection.weight"
 
     try:
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
+            from ..checkpoint import read_tensors
 
-            with safe_open(path, framework="pt", device="cpu") as handle:
-                sd = {k: handle.get_tensor(k) for k in handle.keys() if wanted(k)}
+            sd = read_tensors(path, keep=wanted)      # only these tensors, read without a memory map
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):

@@ -106,10 +106,10 @@ def load_tagger(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                 arch: Optional[Mapping] = None) -> WDTagger:
     """The tagger from its ``model.safetensors`` (timm names), every parameter required. ``arch``: the SwinV2
     arguments; default: read from the file's shapes (:func:`tagger_arch_from_shapes`)."""
-    from safetensors.torch import load_file
+    from ..checkpoint import read_tensors
 
     try:
-        tensors = load_file(os.fspath(path), device="cpu")
+        tensors = read_tensors(os.fspath(path))
         if arch is None:
             arch = tagger_arch_from_shapes({k: tuple(v.shape) for k, v in tensors.items()})
     except Exception as error:
