@@ -168,3 +168,27 @@ def test_use_sketch_size_for_xl_is_the_autofit_rule():
               f"console.log(JSON.stringify({json.dumps(sizes)}.map(s => window.colorizeDiffusionAutofitXL(...s))));")
     out = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=60, check=True).stdout
     assert json.loads(out) == [list(autofit_size(s)) for s in sizes]
+
+
+def test_paste_of_an_xl_infotext_restores_the_xl_slots():
+    from modules import infotext_utils
+
+    from cd_webui.args import SLOT_INDEX, parse_script_args
+    from lib_colorize.infotext import format_parameters_text, options_to_infotext
+    from lib_colorize.options import ColorizeOptions
+    from test_ui_args import build, pasted_slots
+
+    options = ColorizeOptions(enabled=True, sketch=sketch_image(), reference_guidance=4.0, sketch_strength_1=0.4,
+                              sketch_strength_4=2.5, sketch_rope="rotation")
+    params = {"Steps": 20, "Sampler": "Euler", "Seed": 1, **options_to_infotext(options, "sdxl")}
+    parsed = infotext_utils.parse_generation_parameters(format_parameters_text("", params))
+    script, components = build()
+    slots = pasted_slots(script, components, parsed)
+    assert slots["sketch_strength_1"] == 0.4 and slots["sketch_rope"] == "rotation"
+    values = [c.value for c in components]
+    for slot, value in slots.items():
+        if value is not None:
+            values[SLOT_INDEX[slot]] = value
+    values[SLOT_INDEX["sketch"]] = options.sketch
+    got = parse_script_args(values)
+    assert got.replace(sketch=None) == options.replace(sketch=None)
