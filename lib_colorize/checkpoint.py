@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .memory import release_memory
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -553,4 +554,5 @@ def load_checkpoint(path: "str | os.PathLike[str]", dtype: torch.dtype = torch.f
             setattr(loaded, component, _load_component(source, component, dtype, device))
         used = sum(len(_component_keys(source, c)) for c in components)
         loaded.ignored_keys = len(source.infos) - used
+    release_memory()   # the stored copies of cast tensors
     return loaded

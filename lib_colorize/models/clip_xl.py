@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from ..memory import release_memory
 from .clip import ReferenceEncoder, clip_normalize
 
 BIGG_ARCH = "ViT-bigG-14"
@@ -184,5 +185,6 @@ def load_clip_bigg(path: str, *, dtype: torch.dtype = torch.float32, device="cpu
     del tensors
     tower.load_state_dict(state, strict=True, assign=True)
     del state
+    release_memory()
     encoder = XLClipEncoder(tower)
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)

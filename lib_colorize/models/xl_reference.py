@@ -10,28 +10,16 @@ for the memory bench.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import itertools
-import sys
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from ..memory import release_memory
+
 KEEP_MODES = ("device", "cpu", "none")
 _instance_ids = itertools.count()
-
-
-def release_memory() -> None:
-    """Give freed tensor memory back to the system (glibc keeps large freed blocks in its heap otherwise, so a
-    dropped 1.8 B-parameter encoder would stay in the process's RSS)."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def parameter_bytes(module: Optional[nn.Module]) -> int:
