@@ -139,7 +139,9 @@ def original_guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_m
 class OriginalColorizer(Colorizer):
     """The host-free pipeline with the original's injection (everything else is the library's)."""
 
-    def processors_for(self, layer_scales, injection: bool) -> ProcessorSet:
+    def processors_for(self, layer_scales, injection: bool, enhance=None) -> ProcessorSet:
+        if enhance is not None:
+            raise NotImplementedError("the original's injection is compared in the default mode only")
         return original_processors(self.unet, layer_scales, injection)
 
     def denoise(self, plan, processors, inner_model, x, sigma, t, noised_reference) -> torch.Tensor:

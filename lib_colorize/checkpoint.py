@@ -514,12 +514,11 @@ def _check_keys(path: str, prefix: str, expected: Mapping[str, torch.Size], foun
                                     f"{f' (and {len(unexpected) - 5} more)' if len(unexpected) > 5 else ''}")
 
 
-def _load_component(source: _TensorSource, component: str, dtype: torch.dtype,
-                    device: "str | torch.device") -> nn.Module:
-    model, shapes = _build_model(source, component)
-    prefix = COMPONENT_PREFIXES[component]
+def _fill(source: _TensorSource, prefix: str, model: nn.Module, shapes: Mapping[str, Tuple[int, ...]], what: str,
+          dtype: torch.dtype, device: "str | torch.device") -> nn.Module:
+    """Load exactly ``model``'s tensors from ``prefix + key`` (names and shapes checked first), cast to ``dtype``."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    _check_keys(source.path, prefix, expected, shapes, COMPONENT_NAMES[component])
+    _check_keys(source.path, prefix, expected, shapes, what)
     state = {}
     for key in expected:
         tensor = source.get(prefix + key)
@@ -531,6 +530,12 @@ def _load_component(source: _TensorSource, component: str, dtype: torch.dtype,
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _load_component(source: _TensorSource, component: str, dtype: torch.dtype,
+                    device: "str | torch.device") -> nn.Module:
+    model, shapes = _build_model(source, component)
+    return _fill(source, COMPONENT_PREFIXES[component], model, shapes, COMPONENT_NAMES[component], dtype, device)
 
 
 def load_checkpoint(path: "str | os.PathLike[str]", dtype: torch.dtype = torch.float32,
@@ -556,3 +561,135 @@ def load_checkpoint(path: "str | os.PathLike[str]", dtype: torch.dtype = torch.f
         loaded.ignored_keys = len(source.infos) - used
     release_memory()   # the stored copies of cast tensors
     return loaded
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Enhance modules of v1.5 / v2 (method-enhance §2)
+
+#: The separately loadable extra modules: part -> (key prefix, description).
+ENHANCE_PARTS = {
+    "lora": (UNET_PREFIX, "attn2 split LoRA (model.diffusion_model.*.attn2.to_{q,k,v}.lora_*)"),
+    "thresh_embedder": ("thresh_embedder.", "v1.5 threshold embedder (thresh_embedder.*)"),
+    "cluster_transformer": ("transformer.", "v1.5 ClusterTransformer (transformer.*)"),
+    "warp_modules": (UNET_PREFIX + "warp_modules.", "v2 warp modules (model.diffusion_model.warp_modules.*)"),
+    "style_modules": (UNET_PREFIX + "style_modules.", "v2 style modules (model.diffusion_model.style_modules.*)"),
+    "bg_encoder": ("bg_encoder.", "v2 background encoder (bg_encoder.*)"),
+    "style_encoder": ("style_encoder.", "v2 style encoder (style_encoder.*)"),
+}
+
+
+def _unet_config_from_header(source: _TensorSource):
+    from .models.unet import UNetConfig
+
+    shapes = {k[len(UNET_PREFIX):]: _ShapeView(info.shape) for k, info in source.infos.items()
+              if k.startswith(UNET_PREFIX) and not _UNET_IGNORED.search(k[len(UNET_PREFIX):])}
+    return UNetConfig.from_state_dict(shapes)
+
+
+def _part_shapes(source: _TensorSource, part: str) -> Dict[str, Tuple[int, ...]]:
+    prefix = ENHANCE_PARTS[part][0]
+    return {k[len(prefix):]: source.infos[k].shape for k in source.infos if k.startswith(prefix)}
+
+
+def _load_lora(source: _TensorSource, dtype: torch.dtype, device) -> dict:
+    """attn2 name -> AttentionLoRA, each low-rank pair checked against its base linear's shape in the file."""
+    from .models.enhance import LORA_KEY, LORA_PROJECTIONS, AttentionLoRA, SplitLoRA
+
+    found: dict = {}
+    for key, info in source.infos.items():
+        match = LORA_KEY.match(key[len(UNET_PREFIX):]) if key.startswith(UNET_PREFIX) else None
+        if match:
+            found.setdefault(match["attn"], {})[(match["proj"], match["side"], match["part"])] = (key, info.shape)
+    loras = {}
+    for attn, parts in sorted(found.items()):
+        shapes = {}
+        for proj in LORA_PROJECTIONS:
+            base_key = f"{UNET_PREFIX}{attn}.{proj}.weight"
+            if base_key not in source.infos:
+                raise CheckpointError(source.path, f"LoRA tensors for {UNET_PREFIX}{attn}.{proj} but no {base_key}")
+            out_features, in_features = source.infos[base_key].shape
+            ranks = {}
+            for side in SplitLoRA.SIDES:
+                down = parts.get((proj, side, "down"))
+                up = parts.get((proj, side, "up"))
+                name = f"{UNET_PREFIX}{attn}.{proj}."
+                if down is None or up is None:
+                    missing = name + SplitLoRA.stored_key(side, "down" if down is None else "up")
+                    raise CheckpointError(source.path, f"missing required key {missing} (attn2 split LoRA)")
+                rank = down[1][0]
+                if tuple(down[1]) != (rank, in_features):
+                    raise CheckpointError(source.path, f"tensor {down[0]} has shape {tuple(down[1])}, expected "
+                                                       f"(rank, {in_features}) for the attn2 split LoRA")
+                if tuple(up[1]) != (out_features, rank):
+                    raise CheckpointError(source.path, f"tensor {up[0]} has shape {tuple(up[1])}, expected "
+                                                       f"({out_features}, {rank}) for the attn2 split LoRA")
+                ranks[side] = rank
+            shapes[proj] = (in_features, out_features, ranks)
+        module = AttentionLoRA(shapes)
+        for proj, lora in module.projections.items():
+            tensors = {}
+            for side in SplitLoRA.SIDES:
+                for part in ("down", "up"):
+                    stored = f"{UNET_PREFIX}{attn}.{proj}.{SplitLoRA.stored_key(side, part)}"
+                    tensors[SplitLoRA.stored_key(side, part)] = source.get(stored).to(device=device, dtype=dtype)
+            lora.load_stored(tensors)
+        loras[attn] = module.requires_grad_(False).eval()
+    return loras
+
+
+def _build_enhance_part(source: _TensorSource, part: str, shapes: Dict[str, Tuple[int, ...]]) -> nn.Module:
+    """The module of ``part`` on the meta device, dimensioned from the file (its own shapes, or the U-Net's)."""
+    from .models import enhance
+
+    views = {k: _ShapeView(v) for k, v in shapes.items()}
+    with torch.device("meta"):
+        if part == "thresh_embedder":
+            return enhance.ThresholdEmbedder.from_shapes(views)
+        if part == "cluster_transformer":
+            return enhance.ClusterTransformer.from_shapes(views)
+        if part in ("bg_encoder", "style_encoder"):
+            return enhance.UNetEncoder.from_shapes(views, style=part == "style_encoder")
+        config = _unet_config_from_header(source)
+        _, skips = enhance.build_input_blocks_shapes(config)
+        if part == "warp_modules":
+            return nn.ModuleList([enhance.WarpBlock(width) for width in reversed(skips)])
+        mc = config.model_channels
+        widths = [mc * config.channel_mult[level] for level in reversed(range(len(config.channel_mult)))
+                  for _ in range(config.num_res_blocks + 1)]
+        return nn.ModuleList([enhance.StyleModule(2 * width, config.time_embed_dim) for width in widths])
+
+
+def load_enhance_modules(path: "str | os.PathLike[str]", parts: Sequence[str], dtype: torch.dtype = torch.float32,
+                         device: "str | torch.device" = "cpu", needed_by: str = "this mode"):
+    """The requested extra modules of a v1.5/v2 checkpoint (method-enhance §2), built from the file's shapes.
+
+    ``parts``: names of :data:`ENHANCE_PARTS`. Only their tensors are read. A part that is absent, or a tensor
+    with a missing key or the wrong shape, raises :class:`CheckpointError` naming the key (``needed_by`` says
+    which mode wanted it). Returns :class:`lib_colorize.models.enhance.EnhanceModules` (not cast to fp32 rules:
+    see :meth:`EnhanceModules.to`).
+    """
+    from .models.enhance import EnhanceModules
+
+    unknown = [p for p in parts if p not in ENHANCE_PARTS]
+    if unknown:
+        raise ValueError(f"unknown enhance parts {unknown}; choose from {sorted(ENHANCE_PARTS)}")
+    with _open(path) as source:
+        info = _info_from_source(source)
+        modules = EnhanceModules(version=info.version, path=source.path)
+        for part in parts:
+            prefix, what = ENHANCE_PARTS[part]
+            if part == "lora":
+                modules.lora = _load_lora(source, dtype, device)
+                if not modules.lora:
+                    raise CheckpointError(source.path, f"has no {what}, which {needed_by} needs")
+                continue
+            shapes = _part_shapes(source, part)
+            if not shapes:
+                raise CheckpointError(source.path, f"has no {what}, which {needed_by} needs")
+            try:
+                model = _build_enhance_part(source, part, shapes)
+            except (KeyError, ValueError, IndexError) as error:
+                raise CheckpointError(source.path, f"the {what} does not have the released layout "
+                                                   f"(missing or odd key {error})") from None
+            setattr(modules, part, _fill(source, prefix, model, shapes, what, dtype, device))
+    return modules

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--reference", help="colour reference image")
     io.add_argument("--sketch", help="sketch image, or a folder of sketches (one output per page)")
     io.add_argument("--out", help="output PNG (single sketch) or folder (folder of sketches)")
+    io.add_argument("--background", help="background image for BG / style enhance (instead of the reference's own)")
+    io.add_argument("--sketch-mask", help="character mask of the sketch (white = character) instead of ISNet-sketch; "
+                                          "with a folder of sketches it applies to every page")
+    io.add_argument("--reference-mask", help="character mask of the reference (white = character) instead of the "
+                                             "reference mask extractor")
     io.add_argument("--from-infotext", metavar="PNG", help="take options, sampler, steps, seed and size from a "
                                                             "result's parameters; other flags override them")
     io.add_argument("--visualize", action="store_true", help="write the manipulation heat map of the reference "
@@ -233,6 +238,9 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
         raise InvalidInput("sketch", "--sketch is required (a file or a folder)")
     values = options_from_args(args, base_options)
     values["reference"] = load_image_file(args.reference, "reference")
+    for name in ("background", "sketch_mask", "reference_mask"):
+        if getattr(args, name, None):
+            values[name] = load_image_file(getattr(args, name), name)
     probe = ColorizeOptions.from_dict(values, require_sketch=False)   # validate everything before loading models
     if probe.manipulations:
         from .models.clip import count_tokens
@@ -242,9 +250,11 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     checkpoint_path = resolve_checkpoint(args.checkpoint, args.models_dir, allow_download=not args.offline)
     from .checkpoint import inspect_checkpoint
+    from .enhance import check_version
 
     info = inspect_checkpoint(checkpoint_path)          # the key table only: what the options must fit
     probe.check_version(info.version)
+    check_version(probe, info.version)                  # before any model is loaded
     sampling.check(info.family.size_multiple)
 
     from .pipeline import Colorizer
@@ -291,6 +301,8 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
                 save_png_atomic(result.sketch, targets[0].with_name(targets[0].stem + "-sketch.png"))
             if result.heatmap is not None:
                 save_png_atomic(result.heatmap, targets[0].with_name(targets[0].stem + "-heatmap.png"))
+            for i, mask in enumerate(result.masks):
+                save_png_atomic(mask, targets[0].with_name(f"{targets[0].stem}-mask{i}.png"))
             done += 1
         except ColorizeError as error:
             failures.append((page, str(error)))

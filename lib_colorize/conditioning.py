@@ -165,8 +165,11 @@ def build_injection(options: ColorizeOptions, vae_encode: Callable[[torch.Tensor
 
 
 def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: list, tokens: torch.Tensor,
-               injection: Optional[InjectionPlan] = None, vector: Optional[torch.Tensor] = None) -> GenerationPlan:
-    """The plan of one generation from validated options and prepared tensors."""
+               injection: Optional[InjectionPlan] = None, vector: Optional[torch.Tensor] = None,
+               enhance: Optional[object] = None) -> GenerationPlan:
+    """The plan of one generation from validated options and prepared tensors (``tokens``: the context, with
+    enhance modes their ``[fg ; bg]`` context, :func:`lib_colorize.enhance.prepare_enhance`; ``vector``: the XL
+    models' y)."""
     return GenerationPlan(
         mode=guidance_mode(options.reference_guidance, options.sketch_guidance),
         reference_guidance=options.reference_guidance,
@@ -178,4 +181,5 @@ def build_plan(options: ColorizeOptions, *, sketch_hints: list, blank_hints: lis
                               options.no_guidance_end),
         injection=injection,
         vector=vector,
+        enhance=enhance,
     )

@@ -68,11 +68,18 @@ class GenerationPlan:
     window: GuidanceWindow = GuidanceWindow()
     injection: Optional[InjectionPlan] = None
     vector: Optional[torch.Tensor] = None     # XL: y (1, 512), the same for every row and call; None for SD2.1
+    #: the enhance modes' per-call inputs (:class:`lib_colorize.enhance.EnhancePlan`); ``reference_tokens`` is
+    #: then their context ``[fg ; bg]``
+    enhance: Optional[object] = None
     stats: dict = field(default_factory=lambda: {"unet_calls": 0, "unet_rows": 0, "write_rows": 0})
 
     @property
     def roles(self) -> tuple:
         return row_roles(self.mode)
+
+    def call_fields(self, image: int, window_open: bool) -> dict:
+        """The enhance fields of a :class:`UNetCall` of image ``image`` (none without enhance modes)."""
+        return self.enhance.call_fields(image, window_open) if self.enhance is not None else {}
 
 
 def evaluate(plan: GenerationPlan, model: InnerModel, x: torch.Tensor, sigma: torch.Tensor,
@@ -131,7 +138,9 @@ def reference_pass(plan: GenerationPlan, processors: ProcessorSet, model: InnerM
     sigma0 = sigma.reshape(-1)[:1]
     x_ref = noised_reference(latent, sigma0, noise).expand(rows, -1, -1, -1)
     bank = ReferenceBank()
-    with processors.call(UNetCall(sketch_hints=inj.hints, bank=BankWrite(bank))):
+    # the original's reference pass gets the main pass's keyword inputs: mask, hs_bg, style (method §6.2)
+    with processors.call(UNetCall(sketch_hints=inj.hints, bank=BankWrite(bank),
+                                  **plan.call_fields(image, window_open))):
         try:
             evaluate(plan, model, x_ref, sigma0.expand(rows), context)   # output discarded: only the bank
         except WritePassDone:
@@ -153,7 +162,8 @@ def evaluated_roles(plan: GenerationPlan, window_open: bool, injecting: bool) ->
 
 def image_rows(plan: GenerationPlan, processors: ProcessorSet, inner_model: InnerModel, x: torch.Tensor,
                sigma: torch.Tensor, roles: Sequence[str], contexts: torch.Tensor, hints: list,
-               bank: Optional[ReferenceBank], bank_rows: Optional[torch.Tensor], batch_together: bool) -> torch.Tensor:
+               bank: Optional[ReferenceBank], bank_rows: Optional[torch.Tensor], batch_together: bool,
+               image: int = 0, window_open: bool = True) -> torch.Tensor:
     """The outputs of one image's row groups ``[role0, role1, ...]``: one U-Net call, or one per role."""
     outputs = []
     for group in [tuple(roles)] if batch_together else [(r,) for r in roles]:
@@ -165,7 +175,8 @@ def image_rows(plan: GenerationPlan, processors: ProcessorSet, inner_model: Inne
                 else range(0)
             read = BankRead(bank, rows=len(group), bank_rows=bank_rows[rows], blended=blended,
                             reference_fidelity=plan.injection.reference_fidelity, device=x.device)
-        with processors.call(UNetCall(sketch_hints=[h[rows] for h in hints], bank=read)):
+        with processors.call(UNetCall(sketch_hints=[h[rows] for h in hints], bank=read,
+                                      **plan.call_fields(image, window_open))):
             outputs.append(evaluate(plan, inner_model, x.repeat(len(group), 1, 1, 1), sigma.repeat(len(group)),
                                     contexts[rows]))
         plan.stats["unet_calls"] += 1
@@ -207,7 +218,7 @@ def guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_model: Inn
                                              roles, image, window_open)
             bank_rows = bank_rows.to(x.device)
         per_image.append(image_rows(plan, processors, model, x[image:image + 1], sigma[image:image + 1],
-                                    roles, contexts, hints, bank, bank_rows, batch_together))
+                                    roles, contexts, hints, bank, bank_rows, batch_together, image, window_open))
     outputs = torch.stack(per_image, dim=1).flatten(0, 1) if batch > 1 else per_image[0]
     if observe is not None:
         observe(outputs)

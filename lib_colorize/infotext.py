@@ -20,7 +20,12 @@ CD layer scales                  the 16 per-layer scales, comma separated (hence
 CD injection                     always; its fidelities and ``CD injection start`` only when ``True``
 CD crop result                   always
 CD manipulations                 JSON list of the groups, only when they take effect (some scale > 0)
-CD sketch hash, CD reference hash  first 10 hex digits of the SHA-256 of the decoded RGB pixels
+CD style enhance, CD BG enhance, CD FG enhance, CD remove foreground, CD remove background   when on
+CD foreground strength, CD background strength, CD sketch mask threshold   with BG or FG enhance
+CD merging scale                 with BG, FG or style enhance; ``CD background factor`` with BG enhance
+CD reference mask threshold, CD reference mask extractor   when a reference mask is used (BG enhance, remove ...)
+CD sketch hash, CD reference hash  first 10 hex digits of the SHA-256 of the decoded RGB pixels; also
+CD background hash, CD sketch mask hash, CD reference mask hash, for the images given
 CD sketch strength 1..4, CD sketch rope   XL models only (:func:`options_to_infotext` with ``version``)
 ==============================  ===================================================================
 
@@ -45,7 +50,9 @@ from .options import (FIELD_BY_NAME, FIELDS, LEVEL_NAMES, ColorizeOptions, Field
 
 __all__ = [
     "KEY_ENABLED", "KEY_LEVEL_SCALES", "KEY_LAYER_SCALES", "KEY_MANIPULATIONS", "KEY_SKETCH_HASH",
-    "KEY_REFERENCE_HASH", "INFOTEXT_KEYS", "XL_INFOTEXT_KEYS", "ALL_INFOTEXT_KEYS", "FIELD_BY_INFOTEXT", "CONDITIONAL_FIELDS", "options_to_infotext",
+    "KEY_REFERENCE_HASH", "KEY_BACKGROUND_HASH", "KEY_SKETCH_MASK_HASH", "KEY_REFERENCE_MASK_HASH",
+    "IMAGE_HASH_KEYS", "INFOTEXT_KEYS", "XL_INFOTEXT_KEYS", "ALL_INFOTEXT_KEYS", "FIELD_BY_INFOTEXT",
+    "CONDITIONAL_FIELDS", "options_to_infotext",
     "infotext_to_values", "has_colorize_params", "image_hash", "format_number", "format_parameters_text",
     "parse_parameters_text", "quote", "unquote",
 ]
@@ -56,6 +63,12 @@ KEY_LAYER_SCALES = "CD layer scales"
 KEY_MANIPULATIONS = "CD manipulations"
 KEY_SKETCH_HASH = "CD sketch hash"
 KEY_REFERENCE_HASH = "CD reference hash"
+KEY_BACKGROUND_HASH = "CD background hash"
+KEY_SKETCH_MASK_HASH = "CD sketch mask hash"
+KEY_REFERENCE_MASK_HASH = "CD reference mask hash"
+#: image option -> its hash key
+IMAGE_HASH_KEYS = {"sketch": KEY_SKETCH_HASH, "reference": KEY_REFERENCE_HASH, "background": KEY_BACKGROUND_HASH,
+                   "sketch_mask": KEY_SKETCH_MASK_HASH, "reference_mask": KEY_REFERENCE_MASK_HASH}
 
 #: Scalar options by infotext key (only options that have one in :data:`~lib_colorize.options.FIELDS`).
 FIELD_BY_INFOTEXT: dict[str, FieldSpec] = {spec.infotext: spec for spec in FIELDS if spec.infotext}
@@ -63,19 +76,36 @@ FIELD_BY_INFOTEXT: dict[str, FieldSpec] = {spec.infotext: spec for spec in FIELD
 #: Every key :func:`options_to_infotext` may write for the SD2.1 models.
 INFOTEXT_KEYS: tuple[str, ...] = ((KEY_ENABLED,) + tuple(k for k, spec in FIELD_BY_INFOTEXT.items()
                                                          if applies_to(spec.name, "v1"))
-                                  + (KEY_LEVEL_SCALES, KEY_LAYER_SCALES, KEY_MANIPULATIONS,
-                                     KEY_SKETCH_HASH, KEY_REFERENCE_HASH))
+                                  + (KEY_LEVEL_SCALES, KEY_LAYER_SCALES, KEY_MANIPULATIONS)
+                                  + tuple(IMAGE_HASH_KEYS.values()))
 #: The keys only the XL models' infotext has.
 XL_INFOTEXT_KEYS: tuple[str, ...] = tuple(k for k in FIELD_BY_INFOTEXT if k not in INFOTEXT_KEYS)
 #: Every key of any model's infotext (the webui adapter pops these when disabled).
 ALL_INFOTEXT_KEYS: tuple[str, ...] = INFOTEXT_KEYS + XL_INFOTEXT_KEYS
 
 #: Options written only when another option makes them effective: name -> predicate on the options.
+def _uses_reference_mask(o) -> bool:
+    return o.bg_enhance or o.remove_background or o.remove_foreground
+
+
 CONDITIONAL_FIELDS = {
     "line_extractor": lambda o: o.sketch_mode == "extract",
     "injection_reference_fidelity": lambda o: o.injection,
     "injection_sketch_fidelity": lambda o: o.injection,
     "injection_start": lambda o: o.injection,
+    # enhance modes (method-enhance §1): a mode's key when it is on, its controls when they act
+    "style_enhance": lambda o: o.style_enhance,
+    "bg_enhance": lambda o: o.bg_enhance,
+    "fg_enhance": lambda o: o.fg_enhance,
+    "foreground_strength": lambda o: o.mask_guided,
+    "background_strength": lambda o: o.mask_guided,
+    "merging_scale": lambda o: o.mask_guided or o.style_enhance,
+    "background_factor": lambda o: o.bg_enhance,
+    "sketch_mask_threshold": lambda o: o.mask_guided,
+    "reference_mask_threshold": _uses_reference_mask,
+    "reference_mask_extractor": _uses_reference_mask,
+    "remove_foreground": lambda o: o.remove_foreground,
+    "remove_background": lambda o: o.remove_background,
 }
 
 # The webui's key grammar: a word character, then word characters, spaces, '-' or '/'.
@@ -161,8 +191,8 @@ def options_to_infotext(options: ColorizeOptions, version: Optional[str] = None)
                 out[KEY_LAYER_SCALES] = ",".join(format_number(v) for v in options.layer_scales)
     if options.active_manipulations and applies_to("manipulations", version or "v1"):
         out[KEY_MANIPULATIONS] = _manipulations_json(options.active_manipulations)
-    for key, image in ((KEY_SKETCH_HASH, options.sketch), (KEY_REFERENCE_HASH, options.reference)):
-        digest = image_hash(image)
+    for name, key in IMAGE_HASH_KEYS.items():
+        digest = image_hash(getattr(options, name))
         if digest is not None:
             out[key] = digest
     return out

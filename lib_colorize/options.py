@@ -33,6 +33,25 @@ injection_sketch_fidelity     :func:`lib_colorize.conditioning.encode_sketch_hin
 crop_result                   :func:`lib_colorize.preprocess.crop_to_box`
 manipulations                 :func:`lib_colorize.manipulation.apply_manipulations`
 return_sketch, return_heatmap extra output images: ``Colorizer.colorize``, ``cd_webui.lifecycle.postprocess``
+style_enhance, bg_enhance,    :func:`lib_colorize.enhance.prepare_enhance` (per version: contexts, LoRA sides,
+fg_enhance                    encoders; method-enhance §5-§7), applied by the processors of
+                              :mod:`lib_colorize.processors.enhance`; refused for a version that lacks them by
+                              :func:`lib_colorize.enhance.check_version`
+background                    :func:`lib_colorize.enhance.prepare_enhance` (bg tokens / encoder input)
+foreground_strength,          :class:`lib_colorize.processors.SplitCrossAttention` (β_f, β_b on each pass, μ the
+background_strength,          merge); merging_scale also blends the style vectors
+merging_scale                 (:func:`lib_colorize.enhance.style_modulations`)
+background_factor             :func:`lib_colorize.enhance.background_hints` (κ·hs_bg), warped in by
+                              :class:`lib_colorize.processors.SkipWarp`
+sketch_mask_threshold         τ_s: :class:`~lib_colorize.processors.SplitCrossAttention`, ``SkipWarp``, v1.5's
+                              threshold embedding (:func:`lib_colorize.enhance.prepare_enhance`)
+reference_mask_threshold      τ_r: :func:`lib_colorize.masks.whiten_where` (masked reference, remove foreground /
+                              background), v1.5's threshold embedding
+reference_mask_extractor      :func:`lib_colorize.masks.load_mask_extractor` (``MaskInputs.prepare``)
+sketch_mask, reference_mask   user masks instead of extraction: :func:`lib_colorize.enhance.MaskInputs.prepare`
+remove_foreground             :meth:`lib_colorize.enhance.MaskInputs.prepare` (the background image)
+remove_background             :func:`lib_colorize.enhance.remove_background` (after decoding)
+return_masks                  extra output images (the masks used): ``Colorizer.colorize``, ``cd_webui``
 sketch_strength_1..4 (XL)     :func:`lib_colorize.conditioning.encode_sketch_hints` (``a_k = k_ctl · s_k``,
                               method-xl §2.3)
 sketch_rope (XL)              the XL sketch encoder's rotary positions
@@ -153,6 +172,48 @@ FIELDS: tuple[FieldSpec, ...] = (
           "Add the line art the model actually sees to the outputs."),
     _spec("return_heatmap", bool, False, "Show manipulation heat map",
           "Add the reference's manipulation heat map to the outputs."),
+    # ---------------------------------------------------------------- enhance modes (method-enhance §1)
+    _spec("style_enhance", bool, False, "Style enhance",
+          "v2 only: a style encoder turns the reference (blended with the background image by the merging "
+          "scale) into a scale and shift after every decoder block.", infotext="CD style enhance"),
+    _spec("bg_enhance", bool, False, "BG enhance (mask guided)",
+          "Separates character and background with masks: the character follows the reference, the background "
+          "follows the reference's background (or the background image). v1 training-free; v1.5 with its "
+          "background LoRA and tokens; v2 also warps the background encoder's features in.",
+          infotext="CD BG enhance"),
+    _spec("fg_enhance", bool, False, "FG enhance (mask guided)",
+          "v1.5 and v2: mask-guided split attention for the character only (its authors call it of little use "
+          "with the released models).", infotext="CD FG enhance"),
+    _spec("foreground_strength", float, 1.0, "Foreground strength",
+          "Multiplies the character's cross-attention in BG/FG enhance.", 0.0, 1.0, 0.05,
+          infotext="CD foreground strength"),
+    _spec("background_strength", float, 1.0, "Background strength",
+          "Multiplies the background's cross-attention in BG/FG enhance.", 0.0, 1.0, 0.05,
+          infotext="CD background strength"),
+    _spec("merging_scale", float, 0.0, "Merging scale",
+          "Mixes background attention into the character (0 = none); with style enhance and a background "
+          "image, blends the reference's style towards the background's.", 0.0, 1.0, 0.05,
+          infotext="CD merging scale"),
+    _spec("background_factor", float, 1.0, "Background factor",
+          "v2 BG enhance: multiplies the background encoder's features (0 still runs the warp modules).",
+          0.0, 2.0, 0.05, infotext="CD background factor"),
+    _spec("reference_mask_threshold", float, 0.5, "Reference mask threshold",
+          "Where the reference (or background, or result) mask counts as character.", 0.0, 1.0, 0.01,
+          infotext="CD reference mask threshold"),
+    _spec("sketch_mask_threshold", float, 0.05, "Sketch mask threshold",
+          "Where the sketch mask counts as character in the split attention (and v2's warp).", 0.0, 1.0, 0.01,
+          infotext="CD sketch mask threshold"),
+    _spec("reference_mask_extractor", str, "ISNet", "Reference mask extractor",
+          "ISNet (Apache-2.0, downloaded automatically) or rmbg-v2 (BRIA RMBG-2.0: gated on the Hub, "
+          "non-commercial licence; download it yourself after accepting BRIA's terms).",
+          choices=("ISNet", "rmbg-v2"), infotext="CD reference mask extractor"),
+    _spec("remove_foreground", bool, False, "Remove foreground in background input",
+          "Whitens the character out of the background image before it is used.", infotext="CD remove foreground"),
+    _spec("remove_background", bool, False, "Remove background in result",
+          "Whitens the result outside the character (reference mask extractor on the result).",
+          infotext="CD remove background"),
+    _spec("return_masks", bool, False, "Show masks",
+          "Add the sketch and reference masks the model used to the outputs."),
     # ---------------------------------------------------------------- XL models only (method-xl §2.3, §4)
     *(_spec(name, float, 1.0, f"Sketch strength {k}",
             f"XL: multiplies the sketch encoder's level-{k} features (level 1 is the finest), on top of the "
@@ -170,6 +231,12 @@ FIELD_BY_NAME: dict[str, FieldSpec] = {f.name: f for f in FIELDS}
 STRUCTURED_FIELDS: dict[str, str] = {
     "sketch": "the line art: base64 PNG/JPEG (API), image (UI), file (CLI). Required when enabled.",
     "reference": "the colour reference image; base64 (API), image (UI), file (CLI).",
+    "background": "a background image for BG / style enhance instead of the reference's own background; base64 "
+                  "(API), image (UI), file (CLI).",
+    "sketch_mask": "the character mask of the sketch (white = character) instead of ISNet-sketch; base64 (API), "
+                   "image (UI), file (CLI).",
+    "reference_mask": "the character mask of the reference (white = character) instead of the reference mask "
+                      "extractor; base64 (API), image (UI), file (CLI).",
     "level_scales": "{encoder, middle, low} cross-attention scales in [0, 1], each times reference_strength.",
     "layer_scales": "16 numbers in [0, 1], one per cross-attention layer (overrides level_scales), or null.",
     "manipulations": f"list of at most {MAX_MANIPULATIONS} {{target, anchor, control, scale, enhance, "
@@ -177,6 +244,8 @@ STRUCTURED_FIELDS: dict[str, str] = {
 }
 
 ALL_KEYS = tuple(f.name for f in FIELDS) + tuple(STRUCTURED_FIELDS)
+#: Options that hold images (decoded PIL images; base64 in the API).
+IMAGE_FIELDS = ("sketch", "reference", "background", "sketch_mask", "reference_mask")
 
 
 @dataclass(frozen=True)
@@ -244,6 +313,22 @@ class ColorizeOptions:
     manipulations: tuple = ()
     return_sketch: bool = False
     return_heatmap: bool = False
+    style_enhance: bool = False
+    bg_enhance: bool = False
+    fg_enhance: bool = False
+    foreground_strength: float = 1.0
+    background_strength: float = 1.0
+    merging_scale: float = 0.0
+    background_factor: float = 1.0
+    reference_mask_threshold: float = 0.5
+    sketch_mask_threshold: float = 0.05
+    reference_mask_extractor: str = "ISNet"
+    remove_foreground: bool = False
+    remove_background: bool = False
+    return_masks: bool = False
+    background: Any = None
+    sketch_mask: Any = None
+    reference_mask: Any = None
     sketch_strength_1: float = 1.0
     sketch_strength_2: float = 1.0
     sketch_strength_3: float = 1.0
@@ -273,7 +358,7 @@ class ColorizeOptions:
         for spec in FIELDS:
             if spec.name in data and data[spec.name] is not None:
                 values[spec.name] = coerce_scalar(spec, data[spec.name])
-        for name in ("sketch", "reference"):
+        for name in IMAGE_FIELDS:
             if data.get(name) is not None:
                 image = decode_image(data[name], name)
                 check_image_size(image, name, max_image_side)
@@ -300,6 +385,25 @@ class ColorizeOptions:
         if self.no_guidance_start > self.no_guidance_end:
             raise InvalidInput("no_guidance_start", f"must not exceed no_guidance_end "
                                                     f"({self.no_guidance_start} > {self.no_guidance_end})")
+        if not require_sketch:
+            return   # the images come later (a pasted infotext, img2img's init image): checked then
+        if self.bg_enhance and self.reference is None and self.background is None:
+            raise InvalidInput("bg_enhance", "BG enhance needs a reference image or a background image")
+        if self.style_enhance and self.reference is None:
+            raise InvalidInput("style_enhance", "style enhance needs a reference image")
+        if self.remove_foreground and self.background is None:
+            raise InvalidInput("remove_foreground", "'Remove foreground in background input' needs a background "
+                                                    "image")
+
+    @property
+    def mask_guided(self) -> bool:
+        """BG or FG enhance: the split cross-attention over a sketch mask runs (method-enhance §3.3)."""
+        return self.bg_enhance or self.fg_enhance
+
+    @property
+    def enhanced(self) -> bool:
+        """Any enhance mode (style, BG or FG)."""
+        return self.style_enhance or self.mask_guided
 
     def check_version(self, version: str) -> None:
         """Refuse options that the model ``version`` does not use (see :data:`VERSION_ONLY`), when they are not
@@ -336,7 +440,8 @@ class ColorizeOptions:
         out["manipulations"] = [dict(dataclasses.asdict(m), thresholds=list(m.thresholds))
                                 for m in self.manipulations]
         if include_images:
-            out["sketch"], out["reference"] = self.sketch, self.reference
+            for name in IMAGE_FIELDS:
+                out[name] = getattr(self, name)
         return out
 
 

@@ -80,6 +80,7 @@ class ColorizeResult:
     height: int
     sketch: Optional[Image.Image] = None        # the line art the model saw (return_sketch)
     heatmap: Optional[Image.Image] = None       # manipulation heat map (return_heatmap)
+    masks: list = field(default_factory=list)   # the masks the enhance modes used (return_masks)
     stats: dict = field(default_factory=dict)
 
 
@@ -124,6 +125,13 @@ class Colorizer:
             reference = OffloadedEncoder(reference, self.device)
         self.reference_encoder = reference
         self.stats = {"sketch_encoder_calls": 0}
+        from .cache import ContentCache
+        from .masks import MaskExtractors
+
+        self.enhance_cache = ContentCache()
+        self.mask_extractors = MaskExtractors(models_dir, self.device, allow_download, cache=self.enhance_cache,
+                                              offload=self.device.type != "cpu")
+        self._enhance_modules = None
 
     @classmethod
     def from_files(cls, checkpoint_path, *, clip_arch="ViT-H-14", clip_weights=None, models_dir=None,
@@ -267,11 +275,43 @@ class Colorizer:
                                     lambda image: self.encode_reference_full(image).float(),
                                     lambda texts: self.encode_text(texts).float())
 
+    # ------------------------------------------------------------------ enhance modes
+    def enhance_modules(self, parts):
+        """The checkpoint's extra modules ``parts`` (loaded on first use, kept for later generations)."""
+        from .checkpoint import load_enhance_modules
+        from .models.enhance import EnhanceModules
+
+        if self._enhance_modules is None:
+            self._enhance_modules = EnhanceModules(version=self.checkpoint.info.version,
+                                                   path=self.checkpoint.info.path)
+        have = self._enhance_modules
+        missing = [p for p in parts if (not have.lora if p == "lora" else getattr(have, p) is None)]
+        if missing:
+            loaded = load_enhance_modules(self.checkpoint.info.path, missing, dtype=self.dtype, device=self.device,
+                                          needed_by="the chosen enhance mode").to(dtype=self.dtype)
+            for part in missing:
+                setattr(have, part, getattr(loaded, part))
+        return have
+
+    def prepare_enhance(self, options: ColorizeOptions, sketch: torch.Tensor, box, tokens: torch.Tensor,
+                        seeds, size):
+        """The enhance plan and context of one generation (:func:`lib_colorize.enhance.prepare_enhance`)."""
+        from . import enhance
+
+        version = self.checkpoint.info.version
+        modules = self.enhance_modules(enhance.needed_parts(version, options))
+        inputs = enhance.prepare_mask_inputs(options, sketch, box, self.mask_extractors)
+        return enhance.prepare_enhance(
+            version, options, modules, tokens, inputs,
+            encode_local=lambda image: self.encode_reference_full(image)[:, 1:],
+            vae_encode=lambda image: self.vae.encode(image.to(self.device, self.vae_dtype)),
+            seeds=seeds, size=size, cache=self.enhance_cache, device=self.device, dtype=self.dtype)
+
     # ------------------------------------------------------------------ generation
-    def processors_for(self, layer_scales, injection: bool) -> unet_processors.ProcessorSet:
+    def processors_for(self, layer_scales, injection: bool, enhance=None) -> unet_processors.ProcessorSet:
         """The U-Net processors of one generation (a benchmark substitutes the original's injection here)."""
         return unet_processors.for_generation(self.unet, layer_scales=layer_scales, injection=injection,
-                                              hint_blocks=self.family.hint_blocks)
+                                              enhance=enhance, hint_blocks=self.family.hint_blocks)
 
     def cross_attention_scales(self, options: ColorizeOptions) -> list:
         if self.family.is_xl:
@@ -291,6 +331,9 @@ class Colorizer:
         options.check()
         options.check_version(self.version)
         sampling.check(self.family.size_multiple)
+        from .enhance import check_version, remove_background
+
+        check_version(options, self.version)
         width, height = self.output_size(options, sampling)
         seed = sampling.resolved_seed()
         sampler = get_sampler(sampling.sampler, sampling.schedule)
@@ -311,15 +354,18 @@ class Colorizer:
             injection_reference, options.injection_sketch_fidelity, stats,
             level_strengths=options.sketch_level_strengths if self.family.is_xl else None)
         self.stats["sketch_encoder_calls"] += stats["sketch_encoder_calls"]
+        seeds = [seed + i for i in range(sampling.batch_size)]
         injection = None
         if injection_reference is not None:
             injection = conditioning.build_injection(
                 options, self.vae.encode, injection_reference.to(self.device, self.vae_dtype), injection_hints,
-                [seed + i for i in range(sampling.batch_size)], dtype=self.dtype,
-                latent_scale=self.family.latent_scale)
+                seeds, dtype=self.dtype, latent_scale=self.family.latent_scale)
+        enhance_plan = None
+        if options.enhanced:
+            enhance_plan, tokens = self.prepare_enhance(options, sketch, box, tokens, seeds, (height, width))
         vector = conditioning.xl_vector(height, width).to(self.device) if self.family.is_xl else None
         plan = conditioning.build_plan(options, sketch_hints=sketch_hints, blank_hints=blank_hints,
-                                       tokens=tokens, injection=injection, vector=vector)
+                                       tokens=tokens, injection=injection, vector=vector, enhance=enhance_plan)
         scales = self.cross_attention_scales(options)
 
         unet = self.unet
@@ -332,7 +378,7 @@ class Colorizer:
         def inner_model(x_in, sigma_in, context, y=None):
             return denoiser(x_in, sigma_in, context=context, y=y)
 
-        processors = self.processors_for(scales, injection is not None)
+        processors = self.processors_for(scales, injection is not None, enhance_plan)
 
         def model(x, sigma):
             return self.denoise(plan, processors, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),
@@ -348,6 +394,9 @@ class Colorizer:
         with processors:
             latents = sampler.func(model, x, sigmas, **kwargs)
         images = self.decode(latents)
+        if options.remove_background:
+            images = remove_background(images, lambda x: self.mask_extractors.reference(
+                options.reference_mask_extractor, x, dilated=False), options.reference_mask_threshold)
         if options.crop_result:
             images = [crop_to_box(image, box) for image in images]
         result = ColorizeResult(images=images, latents=latents, seed=seed, width=width, height=height,
@@ -356,6 +405,8 @@ class Colorizer:
             result.sketch = tensor_to_images(sketch)[0]
         if options.return_heatmap and options.manipulations and options.reference is not None:
             result.heatmap = self.heatmap(options)
+        if options.return_masks and enhance_plan is not None:
+            result.masks = enhance_plan.inputs.previews(options)
         return result
 
     @property

@@ -55,10 +55,13 @@ def find_weights(spec: "ExtractorSpec", models_dir: "str | os.PathLike[str] | No
 
 
 def _missing(spec: "ExtractorSpec", folder: Path, reason: str) -> MissingWeights:
+    kind = getattr(spec, "kind", "line extractor")   # mask-extractor specs (lib_colorize.masks) say what they are
+    alternative = (", or choose the line extractor 'lineart_standard', which needs no weights"
+                   if kind == "line extractor" else "")
     return MissingWeights(
-        f"ColorizeDiffusion: line extractor '{spec.name}' needs the weight file {spec.weight_file} in {folder}, "
-        f"which is missing ({reason}). Download {spec.source_url} and save it as {folder / spec.weight_file}, "
-        f"or choose the line extractor 'lineart_standard', which needs no weights.")
+        f"ColorizeDiffusion: {kind} '{spec.name}' needs the weight file {spec.weight_file} in {folder}, "
+        f"which is missing ({reason}). Download {spec.source_url} and save it as {folder / spec.weight_file}"
+        f"{alternative}.")
 
 
 def ensure_weights(spec: "ExtractorSpec", models_dir: "str | os.PathLike[str] | None" = None, *,

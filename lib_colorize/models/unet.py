@@ -356,12 +356,17 @@ class UNetConfig:
                 raise ValueError(f"level width {lv[0]} is not a multiple of model_channels {model_channels}")
             channel_mult.append(lv[0] // model_channels)
 
-        proj_in = sd["middle_block.1.proj_in.weight"]
+        # the middle block's transformer; an encoder-only tree (v2's UNetEncoder) has none: its first one
+        transformer = "middle_block.1" if "middle_block.1.proj_in.weight" in sd else next(
+            (f"input_blocks.{i}.1" for i in block_ids if f"input_blocks.{i}.1.proj_in.weight" in sd), None)
+        if transformer is None:
+            raise KeyError("middle_block.1.proj_in.weight")
+        proj_in = sd[f"{transformer}.proj_in.weight"]
         use_linear = proj_in.dim() == 2 if hasattr(proj_in, "dim") else len(proj_in.shape) == 2
-        cross_key = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+        cross_key = f"{transformer}.transformer_blocks.0.attn2.to_k.weight"
         cross_attention = cross_key in sd
         context_dim = int(sd[cross_key].shape[1]) if cross_attention else None
-        middle_depth = _depth_of(sd, "middle_block.1.")
+        middle_depth = _depth_of(sd, f"{transformer}.")
         per_level = tuple(depths.get(level, 1) for level in range(len(channel_mult)))
         uniform = len(set(depths.values()) | {middle_depth}) == 1
         label = sd.get("label_emb.0.0.weight")
@@ -401,6 +406,46 @@ SDXL_UNET = UNetConfig(model_channels=320, channel_mult=(1, 2, 4), num_res_block
 # U-Net
 
 
+def time_embedding(config: UNetConfig) -> nn.Sequential:
+    """``time_embed``: Linear(mc, 4mc), SiLU, Linear(4mc, 4mc) (method §1.1)."""
+    mc, emb_dim = config.model_channels, config.time_embed_dim
+    return nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
+def transformer_factory(config: UNetConfig):
+    """``(channels, depth) -> SpatialTransformer`` with the config's heads (C/64), context width, projection and
+    cross-attention (none in xlv2's ReferenceNet)."""
+    def transformer(ch: int, depth: int) -> SpatialTransformer:
+        heads = num_heads_for(ch, config.head_channels)
+        return SpatialTransformer(ch, heads, ch // heads, depth=depth, context_dim=config.context_dim,
+                                  use_linear=config.use_linear_proj, cross_attention=config.cross_attention)
+
+    return transformer
+
+
+def build_input_blocks(config: UNetConfig) -> tuple[nn.ModuleList, tuple[int, ...]]:
+    """The SD ``input_blocks`` (shared by the U-Net and v2's UNetEncoders, method-enhance §3.5) and the width of
+    each block's output (the skip widths), in block order."""
+    mc, emb_dim = config.model_channels, config.time_embed_dim
+    transformer = transformer_factory(config)
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
+    widths = [mc]
+    ch = mc
+    last_level = len(config.channel_mult) - 1
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            layers = [ResBlock(ch, emb_dim, mult * mc)]
+            ch = mult * mc
+            if level in config.attention_levels:
+                layers.append(transformer(ch, config.depth_at(level)))
+            blocks.append(TimestepEmbedSequential(*layers))
+            widths.append(ch)
+        if level != last_level:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            widths.append(ch)
+    return blocks, tuple(widths)
+
+
 class UNetModel(nn.Module):
     """ldm/sgm ``UNetModel`` (spatial transformers; a ``label_emb`` for ``y`` when ``adm_in_channels`` is set).
 
@@ -417,34 +462,15 @@ class UNetModel(nn.Module):
         mc, emb_dim = config.model_channels, config.time_embed_dim
         self.model_channels = mc
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = time_embedding(config)
         if config.adm_in_channels is not None:
             # sgm's ``num_classes: sequential``: label_emb.0 = Linear, SiLU, Linear
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(),
                                                          nn.Linear(emb_dim, emb_dim)))
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads = num_heads_for(ch, config.head_channels)
-            return SpatialTransformer(ch, heads, ch // heads, depth=depth, context_dim=config.context_dim,
-                                      use_linear=config.use_linear_proj, cross_attention=config.cross_attention)
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
-        )
-        skip_channels = [mc]
-        ch = mc
-        last_level = len(config.channel_mult) - 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * mc)]
-                ch = mult * mc
-                if level in config.attention_levels:
-                    layers.append(transformer(ch, config.depth_at(level)))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != last_level:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
+        transformer = transformer_factory(config)
+        self.input_blocks, skip_channels = build_input_blocks(config)
+        skip_channels = list(skip_channels)
+        ch = skip_channels[-1]
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_dim), transformer(ch, config.middle_transformer_depth), ResBlock(ch, emb_dim))

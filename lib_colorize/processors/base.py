@@ -46,11 +46,22 @@ class UNetCall:
     ``BankWrite`` (reference pass) or a ``BankRead``; None outside injection.
     ``reference_net``: xlv2's ReferenceNet attention control (:mod:`~lib_colorize.processors.reference_net`):
     the banks being written (the ReferenceNet's pass) or a ``ReferenceNetRead`` (U-Net calls); None otherwise.
+
+    The enhance modes (:mod:`~lib_colorize.processors.enhance`, method-enhance §3, §8.1; the same for every row):
+    ``mask``: the latent sketch mask ``m`` (1, 1, h, w), 1 = character; ``mask_threshold``: ``τ_s``;
+    ``split``: the call's split cross-attention (a ``SplitAttention``; None: plain attn2, e.g. outside the
+    guidance window, where the context is one zero token); ``hs_bg``: the 12 bg-encoder token maps ``κ·hs_bg``
+    (v2 BG enhance, the skip warp); ``style_modulations``: the 12 style vectors ``M_j`` (v2 style enhance).
     """
 
     sketch_hints: Optional[Sequence[torch.Tensor]] = None
     bank: Optional[object] = None
     reference_net: Optional[object] = None
+    mask: Optional[torch.Tensor] = None
+    mask_threshold: float = 0.05
+    split: Optional[object] = None
+    hs_bg: Optional[Sequence[torch.Tensor]] = None
+    style_modulations: Optional[Sequence[torch.Tensor]] = None
 
 
 #: Read access to the current per-call plan; None between calls.

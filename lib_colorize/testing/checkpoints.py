@@ -7,8 +7,8 @@ released naming.
 * ``make_checkpoint(path, version, size)``: ``model.diffusion_model.*`` (U-Net), ``first_stage_model.*`` (VAE, fp16
   like the release), ``control_encoder.*`` (sketch encoder), schedule buffers, plus the version's extra modules:
   v1.5 LoRA on all 16 ``attn2`` + ``transformer.*`` + ``thresh_embedder.*``; v2 LoRA on output-block ``attn2`` +
-  ``warp_modules`` / ``style_modules`` + ``bg_encoder.*`` / ``style_encoder.*``. Extra modules have plausible shapes
-  (the loader ignores them).
+  ``warp_modules`` / ``style_modules`` + ``bg_encoder.*`` / ``style_encoder.*``, with exactly the released names and
+  shapes of method-enhance §2 (the loader builds the enhance modules from them).
 * ``make_sd_checkpoint(path)``: a small plain SD 1.x/2.x checkpoint (``cond_stage_model.*``, no ``control_encoder``).
 
 Weights are non-zero everywhere (method §10.1: zero-initialised layers would hide bugs): weights
@@ -335,15 +335,24 @@ def v2_unet_extras_layout(d: Dims) -> Layout:
     return lay
 
 
+def style_hint_width(d: Dims, width: int, downsample: bool) -> int:
+    """Output width of the style encoder's zero layer after an input block of width ``width`` (method-enhance §2.2): ``2·C``,
+    except after a downsample block, ``min(8·model_channels, 4·C)`` -- so that entry ``11 − i`` of the reversed
+    hint list has the width ``2·ch`` of ``style_modules[11 − i]``."""
+    return min(8 * d.model_channels, 4 * width) if downsample else 2 * width
+
+
 def unet_encoder_layout(d: Dims, style: bool) -> Layout:
-    """v2 ``bg_encoder`` / ``style_encoder`` (UNetEncoder: SD input half, label_emb(512), one zero layer per block)."""
+    """v2 ``bg_encoder`` / ``style_encoder`` (UNetEncoder: SD input half, label_emb(512), one zero layer per block;
+    method-enhance §2.2)."""
     lay, skips = unet_input_layout(d)
     emb = 4 * d.model_channels
     _linear(lay, "label_emb.0.0", emb, 512)
     _linear(lay, "label_emb.0.2", emb, emb)
     for i, c in enumerate(skips):
         if style:
-            _linear(lay, f"zero_layers.{i}", 2 * c, c)
+            downsample = f"input_blocks.{i}.0.op.weight" in lay
+            _linear(lay, f"zero_layers.{i}", style_hint_width(d, c, downsample), c)
         else:
             _conv(lay, f"zero_layers.{i}", c, c, 1)
     return lay

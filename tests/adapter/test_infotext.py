@@ -40,6 +40,10 @@ def rich_options() -> ColorizeOptions:
         layer_scales=tuple(round(i / 15, 6) for i in range(NUM_ATTENTION_LAYERS)), pad_reference=1.35,
         guidance_start=0.1, guidance_end=0.9, no_guidance_start=0.3, no_guidance_end=0.4, injection=True,
         injection_reference_fidelity=0.65, injection_sketch_fidelity=1.15, injection_start=0.2, crop_result=True,
+        style_enhance=True, bg_enhance=True, fg_enhance=True, foreground_strength=0.35, background_strength=0.45,
+        merging_scale=0.15, background_factor=1.65, reference_mask_threshold=0.42, sketch_mask_threshold=0.07,
+        reference_mask_extractor="rmbg-v2", remove_foreground=True, remove_background=True,
+        background=_image((10, 200, 30)), sketch_mask=_image((255, 255, 255)), reference_mask=_image((0, 0, 0)),
         manipulations=(
             Manipulation("red hair, glossy", "blonde: hair", "hair", 2.25, True, (0.4, 0.5, 0.6, 0.9)),
             Manipulation('a "quoted" 青い sky', "none", "sky\\back", 0.0, False, (0.5, 0.55, 0.65, 0.95)),
@@ -49,7 +53,8 @@ def rich_options() -> ColorizeOptions:
 
 def comparable(options: ColorizeOptions) -> ColorizeOptions:
     """What an infotext can restore: no images, no display-only options."""
-    return options.replace(sketch=None, reference=None, return_sketch=False, return_heatmap=False)
+    return options.replace(sketch=None, reference=None, background=None, sketch_mask=None, reference_mask=None,
+                           return_sketch=False, return_heatmap=False, return_masks=False)
 
 
 def restore(text: str) -> ColorizeOptions:
@@ -138,7 +143,7 @@ def test_round_trip_of_random_options():
                 values[spec.name] = rng.random() < 0.5
             elif spec.choices:
                 values[spec.name] = rng.choice(spec.choices)
-        values.update(enabled=True, injection=True, sketch_mode="extract")
+        values.update(enabled=True, injection=True, sketch_mode="extract", bg_enhance=True)
         start, end = sorted((values["guidance_start"], values["guidance_end"]))
         values["guidance_start"], values["guidance_end"] = start, end
         start, end = sorted((values["no_guidance_start"], values["no_guidance_end"]))

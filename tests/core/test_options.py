@@ -12,7 +12,7 @@ from PIL import Image
 
 from lib_colorize.errors import InvalidInput
 from lib_colorize.images import decode_image, encode_png_base64
-from lib_colorize.options import (ALL_KEYS, DEFAULT_THRESHOLDS, FIELDS, ColorizeOptions, LevelScales,
+from lib_colorize.options import (ALL_KEYS, IMAGE_FIELDS, DEFAULT_THRESHOLDS, FIELDS, ColorizeOptions, LevelScales,
                                   Manipulation, check_prompt_tokens)
 
 
@@ -76,7 +76,7 @@ def test_defaults_equal_the_field_table_and_omitted_keys_take_them():
         if spec.name != "enabled":
             assert getattr(options, spec.name) == spec.default, spec.name
     assert options.level_scales == LevelScales() and options.layer_scales is None and options.manipulations == ()
-    assert set(options.to_dict()) == set(ALL_KEYS) - {"sketch", "reference"}
+    assert set(options.to_dict()) == set(ALL_KEYS) - set(IMAGE_FIELDS)
 
 
 def test_good_values_parse_exactly():
