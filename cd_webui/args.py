@@ -23,11 +23,11 @@ from typing import Any, Mapping, Optional, Sequence
 from lib_colorize.errors import InvalidInput
 from lib_colorize.images import decode_image
 from lib_colorize.manipulation import parse_manipulation_sequence
-from lib_colorize.options import (ALL_KEYS, FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, SCALE_RANGE,
+from lib_colorize.options import (ALL_KEYS, FIELDS, IMAGE_FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, SCALE_RANGE,
                                   SKETCH_LEVEL_FIELDS, ColorizeOptions, LevelScales, check_bool,
                                   check_prompt_tokens, parse_level_scales)
 
-__all__ = ["UI_ORDER", "SLOT_INDEX", "LEVEL_SLOTS", "LAYER_SLOTS", "ACCURATE_SLOT", "USE_INIT_IMAGE_SLOT",
+__all__ = ["UI_ORDER", "ENHANCE_SLOTS", "SLOT_INDEX", "LEVEL_SLOTS", "LAYER_SLOTS", "ACCURATE_SLOT", "USE_INIT_IMAGE_SLOT",
            "MANIPULATIONS_SLOT", "LEVEL_LABELS", "LAYER_NAMES", "SCALE_RANGE", "OVERRIDE_PREFIX",
            "override_attr", "level_override_attr", "parse_script_args", "ui_defaults"]
 
@@ -37,6 +37,12 @@ LAYER_SLOTS = tuple(f"layer_scales[{i}]" for i in range(NUM_ATTENTION_LAYERS))
 ACCURATE_SLOT = "accurate_layer_scales"
 USE_INIT_IMAGE_SLOT = "use_init_image"
 MANIPULATIONS_SLOT = "manipulations"
+
+#: The enhance section's slots (:mod:`cd_webui.enhance_ui`), appended after the manipulation sequence.
+ENHANCE_SLOTS = ("style_enhance", "bg_enhance", "fg_enhance", "background", "sketch_mask", "reference_mask",
+                 "foreground_strength", "background_strength", "merging_scale", "background_factor",
+                 "reference_mask_threshold", "sketch_mask_threshold", "reference_mask_extractor",
+                 "remove_foreground", "remove_background", "return_masks")
 
 #: The positional API: one name per component returned by ``build_ui``, in order. APPEND ONLY.
 #:
@@ -50,6 +56,7 @@ UI_ORDER: tuple[str, ...] = (
     "pad_reference", "guidance_start", "guidance_end", "no_guidance_start", "no_guidance_end",
     "injection", "injection_reference_fidelity", "injection_sketch_fidelity", "injection_start",
     "crop_result", "return_sketch", "return_heatmap", MANIPULATIONS_SLOT,
+    *ENHANCE_SLOTS,
     *SKETCH_LEVEL_FIELDS, "sketch_rope",
 )
 SLOT_INDEX: dict[str, int] = {name: i for i, name in enumerate(UI_ORDER)}
@@ -94,8 +101,8 @@ def level_override_attr(level: str) -> str:
 def ui_defaults() -> dict[str, Any]:
     """Default value of every positional slot (what ``build_ui``'s components start with)."""
     defaults: dict[str, Any] = {spec.name: spec.default for spec in FIELDS}
-    defaults.update(sketch=None, reference=None, **{USE_INIT_IMAGE_SLOT: False, ACCURATE_SLOT: False,
-                                                    MANIPULATIONS_SLOT: ""})
+    defaults.update({name: None for name in IMAGE_FIELDS})
+    defaults.update({USE_INIT_IMAGE_SLOT: False, ACCURATE_SLOT: False, MANIPULATIONS_SLOT: ""})
     levels = LevelScales()
     for name, slot in zip(LEVEL_NAMES, LEVEL_SLOTS):
         defaults[slot] = getattr(levels, name)
@@ -127,7 +134,7 @@ def _values_from_positional(args: Sequence[Any]) -> tuple[dict, bool]:
                                    f"{len(UI_ORDER)} (in the order {', '.join(UI_ORDER)}), or one object of "
                                    "named options")
     slots = {name: value for name, value in zip(UI_ORDER, args) if value is not None}
-    values: dict[str, Any] = {name: slots[name] for name in _SCALARS + ("sketch", "reference") if name in slots}
+    values: dict[str, Any] = {name: slots[name] for name in _SCALARS + IMAGE_FIELDS if name in slots}
     levels = {name: slots[slot] for name, slot in zip(LEVEL_NAMES, LEVEL_SLOTS) if slot in slots}
     if levels:
         values["level_scales"] = levels

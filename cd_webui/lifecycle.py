@@ -13,8 +13,8 @@ script hook                   what happens
                               bind our forward to ``p.sampler.model_wrap_cfg`` (:mod:`cd_webui.sampling`)
 ``p.sample`` wrapper          raises the user errors collected above (the runner swallows exceptions in
                               ``process``; these reach the UI/API), and ALWAYS removes the processors (``finally``)
-``postprocess_image``         "Crop result"
-``postprocess``               remove processors; add the processed sketch / heat map to the gallery when asked
+``postprocess_image``         "Remove background in result", then "Crop result"
+``postprocess``               remove processors; add the processed sketch / masks / heat map to the gallery when asked
 ============================  ================================================================================
 
 Disabled: nothing is installed, ``p`` is not touched (except that stale ``CD ...`` infotext keys of an earlier
@@ -59,6 +59,7 @@ class GenerationState:
     first_size: Optional[tuple] = None           # (W, H) of the first sampling pass
     box: Optional[tuple] = None                  # sketch box in the first pass, for "Crop result"
     sketch_preview: Any = None                   # the line art the model saw (first pass), PIL
+    mask_previews: list = field(default_factory=list)   # the enhance modes' masks (first pass), PIL
     stats: dict = field(default_factory=dict)
 
     def release(self) -> None:
@@ -194,6 +195,9 @@ def _prepare(p, state: GenerationState) -> None:
     sd_model, unet = _unet_of(p)
     state.info = info = model.require_colorize_model(sd_model)
     options.check_version(info.version)
+    from lib_colorize.enhance import check_version
+
+    check_version(options, info.version)   # a mode the loaded model lacks: the error names the key and version
     if options.sketch is None:
         raise InvalidInput("sketch", "ColorizeDiffusion is enabled but no sketch was given")
     reference = prepare_reference(options.reference, options.pad_reference)
@@ -335,12 +339,18 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
                                                  vae_input, to_unet(injection_hints),
                                                  batch_seeds(p, int(x.shape[0])), dtype=dtype, device=device,
                                                  latent_scale=family.latent_scale)
+    tokens, enhance_plan = state.tokens, None
+    if options.enhanced:
+        from . import enhance
+
+        enhance_plan, tokens = enhance.prepare(p, options, sketch, box, state.tokens,
+                                               batch_seeds(p, int(x.shape[0])), (height, width), device, dtype)
     # XL: y of this pass's size (the hires pass has its own), on every row of every call (method-xl §2.2)
     vector = conditioning.xl_vector(height, width).to(device=device, dtype=dtype) if family.is_xl else None
     plan = conditioning.build_plan(options, sketch_hints=to_unet(sketch_hints), blank_hints=to_unet(blank_hints),
-                                   tokens=state.tokens, injection=injection, vector=vector)
+                                   tokens=tokens, injection=injection, vector=vector, enhance=enhance_plan)
     processors = unet_processors.for_generation(unet, layer_scales=state.scales, injection=injection is not None,
-                                                hint_blocks=family.hint_blocks).install()
+                                                enhance=enhance_plan, hint_blocks=family.hint_blocks).install()
     state.processors = processors
     context.plan, context.processors = plan, processors
     state.passes += 1
@@ -348,12 +358,20 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
         state.first_size, state.box = (width, height), box
         if options.return_sketch:
             state.sketch_preview = tensor_to_images(sketch)[0]
+        if options.return_masks and enhance_plan is not None:
+            state.mask_previews = enhance_plan.inputs.previews(options)
 
 
 # ------------------------------------------------------------------------------------------------ postprocess
 def postprocess_image(p, pp, *args) -> None:
     state = get_state(p)
-    if state is None or state.options is None or not state.options.crop_result or state.box is None:
+    if state is None or state.options is None or state.error is not None:
+        return
+    if state.options.remove_background:
+        from . import enhance
+
+        pp.image = enhance.remove_background(pp.image, state.options)
+    if not state.options.crop_result or state.box is None:
         return
     from lib_colorize.preprocess import crop_to_box
 
@@ -372,6 +390,7 @@ def postprocess(p, processed, *args) -> None:
     extra = []
     if options.return_sketch and state.sketch_preview is not None:
         extra.append(state.sketch_preview)
+    extra.extend(state.mask_previews)
     if options.return_heatmap and options.manipulations and options.reference is not None:
         try:
             from .api import heatmap_for_options

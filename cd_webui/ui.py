@@ -20,8 +20,9 @@ is also the positional API (``alwayson_scripts.ColorizeDiffusion.args``); it onl
 35-38 injection, injection_reference_fidelity, injection_sketch_fidelity, injection_start
 39-41 crop_result, return_sketch, return_heatmap                                 Checkboxes
 42    manipulations                   Textbox: the manipulation sequence, one group per line
-43-46 sketch_strength_1 .. 4          Sliders (XL models)
-47    sketch_rope                     Radio cos / rotation (XL models)
+43-58 style_enhance ... return_masks  the enhance section (:mod:`cd_webui.enhance_ui`, args.ENHANCE_SLOTS)
+59-62 sketch_strength_1 .. 4          Sliders (XL models)
+63    sketch_rope                     Radio cos / rotation (XL models)
 ====  ==============================  =================================================================
 
 The accordion adapts to the selected checkpoint (:func:`visibility_for`): the XL rows show only for the XL
@@ -74,7 +75,8 @@ TEXT_PASTE_SLOTS = tuple(spec.name for spec in FIELD_BY_INFOTEXT.values()
                          if (spec.kind is float or spec.name == "sketch_mode")
                          and spec.name not in CONDITIONAL_FIELDS)
 #: Slots that never come from an infotext (images, display options), but travel with "Send to img2img".
-_CARRY_ONLY_SLOTS = ("sketch", "reference", "return_sketch", "return_heatmap")
+_CARRY_ONLY_SLOTS = ("sketch", "reference", "return_sketch", "return_heatmap",
+                     "background", "sketch_mask", "reference_mask", "return_masks")
 
 
 # ------------------------------------------------------------------------------------- paste functions
@@ -369,6 +371,10 @@ def build_ui(script, is_img2img: bool) -> list:
                 SEQUENCE_INFO)
             heatmap = gr.Image(label="Manipulation heat map", type="pil", interactive=False, height=HEATMAP_HEIGHT,
                                elem_id=script.elem_id("heatmap_preview"))
+
+        from .enhance_ui import build_enhance_section
+
+        build_enhance_section(script, c, slot_elem_id, enabled)   # slots args.ENHANCE_SLOTS
 
     # ------------------------------------------------------------------------------------------- events
     c["sketch_mode"].change(fn=lambda m: gr.update(visible=m == "extract"), inputs=[c["sketch_mode"]],

@@ -31,9 +31,12 @@ XYZ_MODULE_NAME = "xyz_grid.py"
 #: Scalar options with a numeric axis, in the order they appear in the axis dropdown.
 NUMERIC_AXES = ("reference_guidance", "sketch_guidance", "sketch_strength", "reference_strength", "pad_reference",
                 "guidance_start", "guidance_end", "injection_reference_fidelity", "injection_sketch_fidelity",
-                "injection_start")
+                "injection_start",
+                # enhance modes
+                "foreground_strength", "background_strength", "merging_scale", "background_factor",
+                "reference_mask_threshold", "sketch_mask_threshold")
 LEVEL_AXES = LEVEL_NAMES
-BOOLEAN_AXES = ("injection",)
+BOOLEAN_AXES = ("injection", "style_enhance", "bg_enhance", "fg_enhance")
 #: The XL models' per-level sketch strengths (after the others, so the earlier axes keep their indices).
 XL_NUMERIC_AXES = SKETCH_LEVEL_FIELDS
 _TRUE = ("true", "yes", "on", "1")

@@ -6,6 +6,7 @@ The title is the API name (``alwayson_scripts: {"ColorizeDiffusion": {"args": [.
 from modules import script_callbacks, scripts
 
 from cd_webui import api, lifecycle, model, ui, xyz
+from cd_webui import enhance_ui
 
 TITLE = "ColorizeDiffusion"
 
@@ -17,6 +18,7 @@ script_callbacks.on_ui_settings(model.on_ui_settings)
 script_callbacks.on_model_loaded(model.on_model_loaded)
 script_callbacks.on_app_started(api.on_app_started)
 script_callbacks.on_script_unloaded(lifecycle.on_script_unloaded)
+script_callbacks.on_after_component(enhance_ui.on_after_component)   # the checkpoint dropdown drives the section
 
 
 class ColorizeDiffusionScript(scripts.Script):

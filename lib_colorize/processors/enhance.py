@@ -228,20 +228,31 @@ def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if t.shape[0] == rows else t.expand(rows, *t.shape[1:])
 
 
-class SkipWarp(Processor):
-    """v2 BG enhance: the skip ``k_j`` of decoder block j becomes ``k_j where c_j > τ_s else Warp_j(k_j, hs_bg[j])``
-    (a pre-hook on ``output_blocks[j]`` rewrites the skip part of its concatenated input)."""
+class _PerDecoderBlock(Processor):
+    """One module per decoder block (``output_blocks[j]``), each attached by :meth:`_register`."""
 
-    def __init__(self, warp_modules: Sequence[nn.Module]):
-        self.warp_modules = list(warp_modules)
+    what = "modules"
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.modules = list(modules)
 
     def attach(self, unet: nn.Module, current: CurrentCall) -> list[RemovableHandle]:
         blocks = unet.output_blocks
-        if len(blocks) != len(self.warp_modules):
-            raise ValueError(f"ColorizeDiffusion: {len(self.warp_modules)} warp modules for {len(blocks)} "
-                             "decoder blocks")
-        return [block.register_forward_pre_hook(self._hook(j, warp, current), with_kwargs=True)
-                for j, (block, warp) in enumerate(zip(blocks, self.warp_modules))]
+        if len(blocks) != len(self.modules):
+            raise ValueError(f"ColorizeDiffusion: {len(self.modules)} {self.what} for {len(blocks)} decoder blocks")
+        return [self._register(block, self._hook(j, module, current))
+                for j, (block, module) in enumerate(zip(blocks, self.modules))]
+
+
+class SkipWarp(_PerDecoderBlock):
+    """v2 BG enhance: the skip ``k_j`` of decoder block j becomes ``k_j where c_j > τ_s else Warp_j(k_j, hs_bg[j])``
+    (a pre-hook on ``output_blocks[j]`` rewrites the skip part of its concatenated input)."""
+
+    what = "warp modules"
+
+    @staticmethod
+    def _register(block: nn.Module, hook) -> RemovableHandle:
+        return block.register_forward_pre_hook(hook, with_kwargs=True)
 
     @staticmethod
     def _hook(j: int, warp: nn.Module, current: CurrentCall):
@@ -266,19 +277,14 @@ class SkipWarp(Processor):
         return warp_skip
 
 
-class StyleModulation(Processor):
+class StyleModulation(_PerDecoderBlock):
     """v2 style enhance: ``h ← h·(1 + γ_j) + β_j`` after decoder block j (forward hook on ``output_blocks[j]``)."""
 
-    def __init__(self, style_modules: Sequence[nn.Module]):
-        self.style_modules = list(style_modules)
+    what = "style modules"
 
-    def attach(self, unet: nn.Module, current: CurrentCall) -> list[RemovableHandle]:
-        blocks = unet.output_blocks
-        if len(blocks) != len(self.style_modules):
-            raise ValueError(f"ColorizeDiffusion: {len(self.style_modules)} style modules for {len(blocks)} "
-                             "decoder blocks")
-        return [block.register_forward_hook(self._hook(j, style, current), with_kwargs=True)
-                for j, (block, style) in enumerate(zip(blocks, self.style_modules))]
+    @staticmethod
+    def _register(block: nn.Module, hook) -> RemovableHandle:
+        return block.register_forward_hook(hook, with_kwargs=True)
 
     @staticmethod
     def _hook(j: int, style: nn.Module, current: CurrentCall):

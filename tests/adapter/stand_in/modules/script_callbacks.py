@@ -43,7 +43,7 @@ class AfterCFGCallbackParams:
 
 
 CATEGORIES = ("app_started", "model_loaded", "ui_settings", "cfg_denoiser", "cfg_denoised", "cfg_after_cfg",
-              "infotext_pasted", "script_unloaded", "before_ui")
+              "infotext_pasted", "script_unloaded", "before_ui", "after_component")
 callback_map: dict[str, list] = {f"callbacks_{c}": [] for c in CATEGORIES}
 
 
@@ -79,6 +79,7 @@ def on_cfg_after_cfg(callback, *, name=None): _add("cfg_after_cfg", callback, na
 def on_infotext_pasted(callback, *, name=None): _add("infotext_pasted", callback, name)
 def on_script_unloaded(callback, *, name=None): _add("script_unloaded", callback, name)
 def on_before_ui(callback, *, name=None): _add("before_ui", callback, name)
+def on_after_component(callback, *, name=None): _add("after_component", callback, name)
 
 
 def app_started_callback(demo, app): _run("app_started", demo, app)
@@ -88,4 +89,10 @@ def cfg_denoiser_callback(params: CFGDenoiserParams): _run("cfg_denoiser", param
 def cfg_denoised_callback(params: CFGDenoisedParams): _run("cfg_denoised", params)
 def cfg_after_cfg_callback(params: AfterCFGCallbackParams): _run("cfg_after_cfg", params)
 def script_unloaded_callback(): _run("script_unloaded")
+def after_component_callback(component, **kwargs):
+    for c in list(callback_map["callbacks_after_component"]):
+        try:
+            c.callback(component, **kwargs)
+        except Exception:  # noqa: BLE001
+            errors.report(f"Error executing callback after_component for {c.script}", exc_info=True)
 def infotext_pasted_callback(infotext: str, params: dict[str, Any]): _run("infotext_pasted", infotext, params)
