@@ -198,6 +198,10 @@ def _prepare(p, state: GenerationState) -> None:
     from lib_colorize.enhance import check_version
 
     check_version(options, info.version)   # a mode the loaded model lacks: the error names the key and version
+    if info.family.is_xl:
+        from lib_colorize.enhance_xl import check_xl_enhance
+
+        check_xl_enhance(info.version, options)
     if options.sketch is None:
         raise InvalidInput("sketch", "ColorizeDiffusion is enabled but no sketch was given")
     reference = prepare_reference(options.reference, options.pad_reference)
@@ -291,18 +295,6 @@ def batch_seeds(p, batch: int) -> list:
     return seeds
 
 
-def _first_stage_posterior(sd_model, image: torch.Tensor):
-    """The VAE posterior of ``image`` (its mean and std; the injection draws its own seeded sample): ldm's
-    ``encode_first_stage`` returns it; sgm's (XL) returns an already sampled and scaled latent, so the posterior
-    is taken from the first stage's encoder and ``quant_conv`` (method-xl §10.3 #8)."""
-    if not getattr(sd_model, "is_sdxl", False):
-        return sd_model.encode_first_stage(image)
-    from lib_colorize.models.vae import DiagonalGaussianDistribution
-
-    first_stage = sd_model.first_stage_model
-    return DiagonalGaussianDistribution(first_stage.quant_conv(first_stage.encoder(image)))
-
-
 def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, x) -> None:
     from lib_colorize.preprocess import prepare_sketch, reference_for_injection, tensor_to_images
 
@@ -335,7 +327,7 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
         from modules import devices
 
         vae_input = injection_reference.to(device=device, dtype=getattr(devices, "dtype_vae", torch.float32))
-        injection = conditioning.build_injection(options, lambda image: _first_stage_posterior(sd_model, image),
+        injection = conditioning.build_injection(options, lambda image: model.first_stage_posterior(sd_model, image),
                                                  vae_input, to_unet(injection_hints),
                                                  batch_seeds(p, int(x.shape[0])), dtype=dtype, device=device,
                                                  latent_scale=family.latent_scale)

@@ -367,6 +367,45 @@ def xl_reference_encoder(sd_model=None):
         return encoder
 
 
+def first_stage_posterior(sd_model, image: torch.Tensor):
+    """The VAE posterior of ``image`` (its mean and std; the injection and the enhance latents draw their own seeded
+    samples): ldm's ``encode_first_stage`` returns it; sgm's (XL) returns an already sampled and scaled latent, so
+    the posterior is taken from the first stage's encoder and ``quant_conv`` (method-xl §10.3 #8)."""
+    if not getattr(sd_model, "is_sdxl", False):
+        return sd_model.encode_first_stage(image)
+    from lib_colorize.models.vae import DiagonalGaussianDistribution
+
+    first_stage = sd_model.first_stage_model
+    return DiagonalGaussianDistribution(first_stage.quant_conv(first_stage.encoder(image)))
+
+
+_xlv2: dict = {"key": None, "loras": None}
+
+
+def xlv2_loras(sd_model, device, dtype) -> dict:
+    """xlv2's background LoRA from the loaded file (read on first use, kept while the file is loaded)."""
+    from lib_colorize.checkpoint import UNET_PREFIX, read_tensors
+    from lib_colorize.enhance_xl import load_xlv2_lora
+
+    path = checkpoint_path(sd_model)
+    key = (file_key(path), str(device), str(dtype))
+    with _lock:
+        if _xlv2["key"] != key:
+            tensors = read_tensors(path, UNET_PREFIX, keep=lambda name: ".lora_" in name)
+            _xlv2.update(key=key, loras=load_xlv2_lora(tensors, dtype=dtype, device=device))
+        return _xlv2["loras"]
+
+
+def xlv2_reference_net(sd_model, device, dtype):
+    """xlv2's ReferenceNet (``bg_encoder.*``, 2.0 B parameters), loaded for one generation's banks; the caller
+    drops it afterwards (the banks are cached by content)."""
+    from lib_colorize.checkpoint import load_checkpoint
+
+    print("ColorizeDiffusion: loading the xlv2 ReferenceNet for this generation's banks")
+    return load_checkpoint(checkpoint_path(sd_model), dtype=dtype, device=device,
+                           components=("reference_net",)).reference_net
+
+
 def encode_xl_reference(image: torch.Tensor) -> torch.Tensor:
     """Reference (1,3,H,W) in [-1,1] -> the XL context (1, 196, 2048) on the compute device (cached by content)."""
     with _clip_use_lock:
@@ -499,6 +538,7 @@ def clear_caches(*, clip_too: bool = False) -> None:
         _sketch_cache.clear()
         _info_cache.clear()
         _xl.update(key=None, encoder=None)
+        _xlv2.update(key=None, loras=None)
         if clip_too:
             _clip.update(path=None, visual=None, text=None)
             if _token_cache is not None:

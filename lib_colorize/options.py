@@ -179,7 +179,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     _spec("bg_enhance", bool, False, "BG enhance (mask guided)",
           "Separates character and background with masks: the character follows the reference, the background "
           "follows the reference's background (or the background image). v1 training-free; v1.5 with its "
-          "background LoRA and tokens; v2 also warps the background encoder's features in.",
+          "background LoRA and tokens; v2 also warps the background encoder's features in. On the XL models "
+          "this is the authors' 'Low-level injection' (xlv2 adds its background LoRA and ReferenceNet).",
           infotext="CD BG enhance"),
     _spec("fg_enhance", bool, False, "FG enhance (mask guided)",
           "v1.5 and v2: mask-guided split attention for the character only (its authors call it of little use "

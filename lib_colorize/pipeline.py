@@ -299,6 +299,8 @@ class Colorizer:
         from . import enhance
 
         version = self.checkpoint.info.version
+        if self.family.is_xl:
+            return self.prepare_xl_enhance(options, sketch, box, tokens, seeds, size)
         modules = self.enhance_modules(enhance.needed_parts(version, options))
         inputs = enhance.prepare_mask_inputs(options, sketch, box, self.mask_extractors)
         return enhance.prepare_enhance(
@@ -306,6 +308,38 @@ class Colorizer:
             encode_local=lambda image: self.encode_reference_full(image)[:, 1:],
             vae_encode=lambda image: self.vae.encode(image.to(self.device, self.vae_dtype)),
             seeds=seeds, size=size, cache=self.enhance_cache, device=self.device, dtype=self.dtype)
+
+    def xl_loras(self) -> dict:
+        """xlv2's background LoRA from the checkpoint (read on first use, kept)."""
+        if getattr(self, "_xl_loras", None) is None:
+            from .checkpoint import UNET_PREFIX, read_tensors
+            from .enhance_xl import load_xlv2_lora
+
+            tensors = read_tensors(self.checkpoint.info.path, UNET_PREFIX, keep=lambda key: ".lora_" in key)
+            self._xl_loras = load_xlv2_lora(tensors, dtype=self.dtype, device=self.device)
+        return self._xl_loras
+
+    def load_reference_net(self) -> torch.nn.Module:
+        """xlv2's ReferenceNet (2.0 B parameters), loaded for one generation's banks (the caller drops it)."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(self.checkpoint.info.path, dtype=self.dtype, device=self.device,
+                               components=("reference_net",)).reference_net
+
+    def prepare_xl_enhance(self, options: ColorizeOptions, sketch: torch.Tensor, box, tokens: torch.Tensor,
+                           seeds, size):
+        """The XL low-level injection of one generation (:func:`lib_colorize.enhance_xl.prepare_xl_enhance`)."""
+        from . import enhance
+        from .enhance_xl import prepare_xl_enhance
+
+        inputs = enhance.prepare_mask_inputs(options, sketch, box, self.mask_extractors)
+        return prepare_xl_enhance(
+            self.version, options, tokens, inputs, encode_context=self.encode_reference_full,
+            vae_encode=lambda image: self.vae.encode(image.to(self.device, self.vae_dtype)), seeds=seeds, size=size,
+            cache=self.enhance_cache, extractors=self.mask_extractors, reference_net=self.load_reference_net,
+            reference_net_key=self.checkpoint.info.path,
+            loras=self.xl_loras() if self.version == "xlv2" else None, latent_scale=self.family.latent_scale,
+            device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ generation
     def processors_for(self, layer_scales, injection: bool, enhance=None) -> unet_processors.ProcessorSet:
@@ -334,6 +368,10 @@ class Colorizer:
         from .enhance import check_version, remove_background
 
         check_version(options, self.version)
+        if self.family.is_xl:
+            from .enhance_xl import check_xl_enhance
+
+            check_xl_enhance(self.version, options)
         width, height = self.output_size(options, sampling)
         seed = sampling.resolved_seed()
         sampler = get_sampler(sampling.sampler, sampling.schedule)

@@ -192,3 +192,40 @@ def test_paste_of_an_xl_infotext_restores_the_xl_slots():
     values[SLOT_INDEX["sketch"]] = options.sketch
     got = parse_script_args(values)
     assert got.replace(sketch=None) == options.replace(sketch=None)
+
+
+@pytest.fixture(scope="session")
+def xlv2_file(tmp_path_factory):
+    from lib_colorize.testing.xl_checkpoints import make_xl_checkpoint
+
+    return make_xl_checkpoint(tmp_path_factory.mktemp("Stable-diffusion") / "xlv2-tiny.safetensors", "xlv2",
+                              seed=5)
+
+
+def _mask(size, box):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", size, 0)
+    ImageDraw.Draw(image).rectangle(box, fill=255)
+    return image
+
+
+def test_xlv2_low_level_injection_runs_in_the_webui(webui, xl_model, xlv2_file):
+    from lib_colorize.processors import live_count
+
+    model = webui.load(xlv2_file)
+    assert model.is_sdxl
+    sketch, reference = sketch_image(), reference_image()
+    options = dict(XL_OPTIONS, bg_enhance=True, merging_scale=0.2,
+                   sketch_mask=_mask(sketch.size, (10, 10, 60, 50)), reference_mask=_mask(reference.size, (5, 5, 40, 50)))
+    reads = []
+    blocks = [b for b in model.model.diffusion_model.output_blocks.modules() if hasattr(b, "attn1")]
+    handle = blocks[0].attn1.register_forward_hook(lambda m, a, o: reads.append(o.shape))
+    try:
+        p, processed = run(webui, options, steps=1)
+    finally:
+        handle.remove()
+    assert processed.images and reads and live_count() == 0
+    assert p.extra_generation_params["CD BG enhance"] is True
+    with pytest.raises(InvalidInput, match="injection"):
+        run(webui, dict(options, injection=True), steps=1)
