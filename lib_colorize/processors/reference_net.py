@@ -94,11 +94,10 @@ class ReferenceNetBankRead(Processor):
     """The masked two-attention self-attention of the U-Net's decoder blocks (see the module docstring)."""
 
     def attach(self, unet: nn.Module, current: CurrentCall) -> list[RemovableHandle]:
-        handles = []
-        for index, block in enumerate(decoder_transformer_blocks(unet)):
-            handles.append(block.attn1.register_forward_pre_hook(self._keep(index, current), with_kwargs=True))
-            handles.append(block.attn1.register_forward_hook(self._select(index, current), with_kwargs=True))
-        return handles
+        attentions = [block.attn1 for block in decoder_transformer_blocks(unet)]
+        keep = [a.register_forward_pre_hook(self._keep(i, current), with_kwargs=True) for i, a in enumerate(attentions)]
+        return keep + [a.register_forward_hook(self._select(i, current), with_kwargs=True)
+                       for i, a in enumerate(attentions)]
 
     @staticmethod
     def _read(current: CurrentCall) -> Optional[ReferenceNetRead]:

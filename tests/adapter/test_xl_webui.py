@@ -173,7 +173,7 @@ def test_use_sketch_size_for_xl_is_the_autofit_rule():
 def test_paste_of_an_xl_infotext_restores_the_xl_slots():
     from modules import infotext_utils
 
-    from cd_webui.args import SLOT_INDEX, parse_script_args
+    from cd_webui.args import UI_ORDER, parse_script_args
     from lib_colorize.infotext import format_parameters_text, options_to_infotext
     from lib_colorize.options import ColorizeOptions
     from test_ui_args import build, pasted_slots
@@ -185,12 +185,9 @@ def test_paste_of_an_xl_infotext_restores_the_xl_slots():
     script, components = build()
     slots = pasted_slots(script, components, parsed)
     assert slots["sketch_strength_1"] == 0.4 and slots["sketch_rope"] == "rotation"
-    values = [c.value for c in components]
-    for slot, value in slots.items():
-        if value is not None:
-            values[SLOT_INDEX[slot]] = value
-    values[SLOT_INDEX["sketch"]] = options.sketch
-    got = parse_script_args(values)
+    values = dict(zip(UI_ORDER, (c.value for c in components)))
+    values.update({slot: v for slot, v in slots.items() if v is not None}, sketch=options.sketch)
+    got = parse_script_args([values[slot] for slot in UI_ORDER])
     assert got.replace(sketch=None) == options.replace(sketch=None)
 
 
