@@ -32,7 +32,7 @@ from typing import Any, Optional
 from cd_webui import lifecycle as shared_lifecycle
 from cd_webui.lifecycle import GenerationState, get_state
 from lib_colorize import processors as unet_processors
-from lib_colorize.errors import ColorizeError, NotColorizeModel
+from lib_colorize.errors import ColorizeError, InvalidInput, NotColorizeModel
 
 from . import model, sampling
 from .host import LDM_PATCHED, LDM_PATCHED_MESSAGE, family
@@ -102,7 +102,11 @@ def _prepare(p, state: ForgeGenerationState, choice: Any = AUTOMATIC) -> None:
         raise ColorizeError(LDM_PATCHED_MESSAGE)
     shared_lifecycle._check_supported(p)
     colorize = model.load_colorize_model(model.resolve_checkpoint(choice))
-    state.colorize = colorize
+    state.colorize, state.info = colorize, colorize.info
+    shared_lifecycle.check_model_options(state.options, colorize.info)
+    if state.options.enhanced:
+        raise InvalidInput("bg_enhance", "ColorizeDiffusion: " + model.FORGE_UNSUPPORTED.format(
+            what="the enhance modes (BG / FG / style enhance)"))
     model.require_host(p.sd_model, colorize)
     p.extra_generation_params[INFOTEXT_CHECKPOINT] = colorize.name
     shared_lifecycle.prepare_conditioning(state, colorize.diffusion_model, dtype=colorize.computation_dtype)

@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import torch
 
-from lib_colorize.errors import CheckpointError, InvalidInput, NotColorizeModel
+from lib_colorize.errors import CheckpointError, ColorizeError, InvalidInput, NotColorizeModel
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +290,7 @@ class ColorizeModel:
     unet: Any                   # backend.patcher.unet.UnetPatcher: clone it per pass
     vae: Any                    # backend.patcher.vae.VAE
     sketch_encoder: torch.nn.Module
+    info: Any = None            # lib_colorize.checkpoint.CheckpointInfo of the file (version, family)
 
     @property
     def name(self) -> str:
@@ -463,6 +464,17 @@ def build_sketch_encoder(path: str, dtype: torch.dtype) -> torch.nn.Module:
 _loaded: dict = {"model": None}
 
 
+#: what this adapter does not run yet, with the reason a user is given
+FORGE_UNSUPPORTED = "in Forge, ColorizeDiffusion runs the SD2.1 models' default mode; {what} runs in the AUTOMATIC1111 " \
+                    "webui and from the command line for now"
+
+
+def require_supported_in_forge(info, name: str) -> None:
+    """XL checkpoints are not hosted in Forge yet: a clear error, not a failed model build."""
+    if info.family.is_xl:
+        raise ColorizeError("ColorizeDiffusion: " + FORGE_UNSUPPORTED.format(what=f"the XL checkpoint {name}"))
+
+
 def load_colorize_model(path: str) -> ColorizeModel:
     """Our models of ``path`` (built once per file; another file replaces them)."""
     from lib_colorize.checkpoint import inspect_checkpoint
@@ -474,10 +486,11 @@ def load_colorize_model(path: str) -> ColorizeModel:
             return current
         release_colorize_model()
         info = inspect_checkpoint(path)
+        require_supported_in_forge(info, checkpoint_name(path))
         print(f"ColorizeDiffusion: loading {checkpoint_name(path)} ({info.version}, {info.parameterization}) "
               "as our U-Net, VAE and sketch encoder")
         unet = build_unet(path, info.parameterization)
-        model = ColorizeModel(path=path, key=key, parameterization=info.parameterization, unet=unet,
+        model = ColorizeModel(path=path, key=key, parameterization=info.parameterization, info=info, unet=unet,
                               vae=build_vae(path),
                               sketch_encoder=build_sketch_encoder(path, unet.model.computation_dtype))
         _loaded["model"] = model

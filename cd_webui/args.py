@@ -24,8 +24,8 @@ from lib_colorize.errors import InvalidInput
 from lib_colorize.images import decode_image
 from lib_colorize.manipulation import parse_manipulation_sequence
 from lib_colorize.options import (ALL_KEYS, FIELDS, IMAGE_FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, SCALE_RANGE,
-                                  ColorizeOptions, LevelScales, check_bool, check_prompt_tokens,
-                                  parse_level_scales)
+                                  SKETCH_LEVEL_FIELDS, ColorizeOptions, LevelScales, check_bool,
+                                  check_prompt_tokens, parse_level_scales)
 
 __all__ = ["UI_ORDER", "ENHANCE_SLOTS", "SLOT_INDEX", "LEVEL_SLOTS", "LAYER_SLOTS", "ACCURATE_SLOT", "USE_INIT_IMAGE_SLOT",
            "MANIPULATIONS_SLOT", "LEVEL_LABELS", "LAYER_NAMES", "SCALE_RANGE", "OVERRIDE_PREFIX",
@@ -57,6 +57,7 @@ UI_ORDER: tuple[str, ...] = (
     "injection", "injection_reference_fidelity", "injection_sketch_fidelity", "injection_start",
     "crop_result", "return_sketch", "return_heatmap", MANIPULATIONS_SLOT,
     *ENHANCE_SLOTS,
+    *SKETCH_LEVEL_FIELDS, "sketch_rope",
 )
 SLOT_INDEX: dict[str, int] = {name: i for i, name in enumerate(UI_ORDER)}
 

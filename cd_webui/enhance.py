@@ -82,7 +82,10 @@ def prepare(p, options, sketch: torch.Tensor, box, tokens: torch.Tensor, seeds, 
         from modules import shared
 
         sd_model = shared.sd_model
-    version = model.require_colorize_model(sd_model).version
+    info = model.require_colorize_model(sd_model)
+    version = info.version
+    if info.family.is_xl:
+        return prepare_xl(sd_model, info, options, sketch, box, tokens, seeds, size, device, dtype)
     modules = enhance_modules(sd_model, enhance.needed_parts(version, options), device, dtype)
     inputs = enhance.prepare_mask_inputs(options, sketch, box, mask_extractors())
     vae_dtype = getattr(devices, "dtype_vae", torch.float32)
@@ -95,6 +98,27 @@ def prepare(p, options, sketch: torch.Tensor, box, tokens: torch.Tensor, seeds, 
         version, options, modules, tokens, inputs,
         encode_local=lambda image: model.encode_reference_full(image)[:, 1:],
         vae_encode=vae_encode, seeds=seeds, size=size, cache=_cache, device=device, dtype=dtype)
+
+
+def prepare_xl(sd_model, info, options, sketch, box, tokens, seeds, size, device, dtype):
+    """The XL models' low-level injection of one sampling pass (:func:`lib_colorize.enhance_xl.prepare_xl_enhance`):
+    the background context from the XL reference encoder, xlv2's LoRA and ReferenceNet banks from the file."""
+    from lib_colorize import enhance
+    from lib_colorize.enhance_xl import prepare_xl_enhance
+    from modules import devices
+
+    extractors = mask_extractors()
+    inputs = enhance.prepare_mask_inputs(options, sketch, box, extractors)
+    vae_dtype = getattr(devices, "dtype_vae", torch.float32)
+    xlv2 = info.version == "xlv2"
+    return prepare_xl_enhance(
+        info.version, options, tokens, inputs, encode_context=model.encode_xl_reference,
+        vae_encode=lambda image: model.first_stage_posterior(sd_model, image.to(device=device, dtype=vae_dtype)),
+        seeds=seeds, size=size, cache=_cache, extractors=extractors,
+        reference_net=(lambda: model.xlv2_reference_net(sd_model, device, dtype)) if xlv2 else None,
+        reference_net_key=model.checkpoint_path(sd_model),
+        loras=model.xlv2_loras(sd_model, device, dtype) if xlv2 else None,
+        latent_scale=info.family.latent_scale, device=device, dtype=dtype)
 
 
 def remove_background(image, options):

@@ -30,7 +30,7 @@ import torch
 
 from lib_colorize import conditioning
 from lib_colorize.errors import ColorizeError, InvalidInput
-from lib_colorize.guidance import cross_attention_scales
+from lib_colorize.guidance import cross_attention_scales, xl_cross_attention_scales
 from lib_colorize import processors as unet_processors
 from lib_colorize.module_info import module_dtype
 from lib_colorize.options import NUM_ATTENTION_LAYERS, ColorizeOptions
@@ -51,6 +51,7 @@ class GenerationState:
     options: Optional[ColorizeOptions] = None
     error: Optional[BaseException] = None
     is_img2img: bool = False
+    info: Any = None                             # CheckpointInfo of the loaded model (version, family)
     scales: Optional[list] = None
     tokens: Optional[torch.Tensor] = None        # reference context (1, N, D), after manipulation
     processors: Optional[unet_processors.ProcessorSet] = None
@@ -108,11 +109,11 @@ def _raw_enabled(args: Sequence[Any], p) -> bool:
 
 
 def _pop_infotext(p) -> None:
-    from lib_colorize.infotext import INFOTEXT_KEYS
+    from lib_colorize.infotext import ALL_INFOTEXT_KEYS
 
     params = getattr(p, "extra_generation_params", None)
     if isinstance(params, dict):
-        for key in INFOTEXT_KEYS:
+        for key in ALL_INFOTEXT_KEYS:
             params.pop(key, None)
 
 
@@ -142,11 +143,19 @@ def process(p, *args, prepare=None, state_type=None) -> None:
     state.options = options
     setattr(p, STATE_ATTR, state)
     _wrap_sample(p, state)
-    p.extra_generation_params.update(options_to_infotext(options))
+    p.extra_generation_params.update(options_to_infotext(options, _loaded_version(p)))
     try:
         (prepare or _prepare)(p, state)
     except Exception as error:  # noqa: BLE001 - raised from p.sample (the runner would swallow it here)
         state.error = error
+
+
+def _loaded_version(p) -> Optional[str]:
+    """The ColorizeDiffusion version of the loaded checkpoint, None when it is not one (reported later)."""
+    try:
+        return model.require_colorize_model(_unet_of(p)[0]).version
+    except Exception:  # noqa: BLE001 - not a ColorizeDiffusion model: _prepare says so
+        return None
 
 
 def _check_supported(p) -> None:
@@ -185,28 +194,42 @@ def _prepare(p, state: GenerationState) -> None:
     """Validation and everything that does not depend on the sampling size (once per generation)."""
     _check_supported(p)
     sd_model, unet = _unet_of(p)
-    info = model.require_colorize_model(sd_model)
+    state.info = info = model.require_colorize_model(sd_model)
+    check_model_options(state.options, info)
+    prepare_conditioning(state, unet)
+
+
+def check_model_options(options, info) -> None:
+    """What the loaded model cannot honour is refused: the error names the key and the version it needs."""
     from lib_colorize.enhance import check_version
 
-    check_version(state.options, info.version)   # a mode the loaded model lacks: the error names the key and version
-    prepare_conditioning(state, unet)
+    options.check_version(info.version)
+    check_version(options, info.version)
+    if info.family.is_xl:
+        from lib_colorize.enhance_xl import check_xl_enhance
+
+        check_xl_enhance(info.version, options)
 
 
 def prepare_conditioning(state: GenerationState, unet, dtype: Optional[torch.dtype] = None) -> None:
     """The sketch check, the cross-attention scales and the reference tokens (for ``unet``, in ``dtype``: by
-    default its parameters'), on any host."""
+    default its parameters'), on any host; ``state.info`` is the model's checkpoint info."""
     from lib_colorize.preprocess import prepare_reference
 
-    options = state.options
+    options, info = state.options, state.info
     if options.sketch is None:
         raise InvalidInput("sketch", "ColorizeDiffusion is enabled but no sketch was given")
-    state.scales = cross_attention_scales(options.reference_strength, options.level_scales, options.layer_scales,
-                                          num_layers=NUM_ATTENTION_LAYERS)
     reference = prepare_reference(options.reference, options.pad_reference)
-    manipulations = options.active_manipulations
-    tokens = conditioning.reference_tokens(model.encode_reference_full, reference, manipulations,
-                                           model.encode_text if manipulations else None,
-                                           context_dim=_context_dim(unet))
+    if info.family.is_xl:
+        state.scales = xl_cross_attention_scales(info.version, options.reference_strength, options.level_scales)
+        tokens = conditioning.xl_reference_context(model.encode_xl_reference, reference, _context_dim(unet))
+    else:
+        state.scales = cross_attention_scales(options.reference_strength, options.level_scales,
+                                              options.layer_scales, num_layers=NUM_ATTENTION_LAYERS)
+        manipulations = options.active_manipulations
+        tokens = conditioning.reference_tokens(model.encode_reference_full, reference, manipulations,
+                                               model.encode_text if manipulations else None,
+                                               context_dim=_context_dim(unet))
     # the compute device, not the U-Net's parameters' (under --lowvram those wait on the CPU between calls)
     state.tokens = tokens.to(device=model.compute_device(), dtype=dtype or _unet_dtype(unet))
 
@@ -294,7 +317,8 @@ def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, 
     from modules import devices
 
     # x lives where the U-Net computes (also under --lowvram)
-    plan, processors = prepare_pass(p, state, x, unet, model.sketch_encoder(sd_model), sd_model.encode_first_stage,
+    plan, processors = prepare_pass(p, state, x, unet, model.sketch_encoder(sd_model),
+                                    lambda image: model.first_stage_posterior(sd_model, image),
                                     vae_dtype=getattr(devices, "dtype_vae", torch.float32),
                                     device=x.device, dtype=_unet_dtype(unet))
     context.plan, context.processors = plan, processors
@@ -307,17 +331,20 @@ def prepare_pass(p, state: GenerationState, x, unet, encoder, vae_encode, *, vae
     ``encoder``, hints and latents in ``dtype`` on ``device``. Returns ``(plan, processors)``."""
     from lib_colorize.preprocess import prepare_sketch, reference_for_injection, tensor_to_images
 
-    options = state.options
+    options, family = state.options, state.info.family
     height, width = int(x.shape[-2]) * 8, int(x.shape[-1]) * 8
     extractor = _extractor(options) if options.sketch_mode == "extract" else None
-    sketch, box = prepare_sketch(options.sketch, options.sketch_mode, (height, width), extractor)
+    sketch, box = prepare_sketch(options.sketch, options.sketch_mode, (height, width), extractor, xl=family.is_xl)
     injection_reference = None
     if options.injection and options.reference is not None:
         injection_reference = reference_for_injection(options.reference, (height, width))
+    if family.is_xl:
+        encoder.rope = options.sketch_rope
     with model.on_device(encoder):
         sketch_hints, blank_hints, injection_hints = conditioning.encode_sketch_hints(
             encoder, sketch.to(model.compute_device()), options.sketch_strength, injection_reference,
-            options.injection_sketch_fidelity, state.stats)
+            options.injection_sketch_fidelity, state.stats,
+            level_strengths=options.sketch_level_strengths if family.is_xl else None)
 
     def to_unet(tensors):
         return None if tensors is None else [t.to(device=device, dtype=dtype) for t in tensors]
@@ -327,17 +354,19 @@ def prepare_pass(p, state: GenerationState, x, unet, encoder, vae_encode, *, vae
         vae_input = injection_reference.to(device=device, dtype=vae_dtype)
         injection = conditioning.build_injection(options, vae_encode, vae_input,
                                                  to_unet(injection_hints), batch_seeds(p, int(x.shape[0])),
-                                                 dtype=dtype, device=device)
+                                                 dtype=dtype, device=device, latent_scale=family.latent_scale)
     tokens, enhance_plan = state.tokens, None
     if options.enhanced:
         from . import enhance
 
         enhance_plan, tokens = enhance.prepare(p, options, sketch, box, state.tokens,
                                                batch_seeds(p, int(x.shape[0])), (height, width), device, dtype)
+    # XL: y of this pass's size (the hires pass has its own), on every row of every call (method-xl §2.2)
+    vector = conditioning.xl_vector(height, width).to(device=device, dtype=dtype) if family.is_xl else None
     plan = conditioning.build_plan(options, sketch_hints=to_unet(sketch_hints), blank_hints=to_unet(blank_hints),
-                                   tokens=tokens, injection=injection, enhance=enhance_plan)
+                                   tokens=tokens, injection=injection, vector=vector, enhance=enhance_plan)
     processors = unet_processors.for_generation(unet, layer_scales=state.scales, injection=injection is not None,
-                                                enhance=enhance_plan).install()
+                                                enhance=enhance_plan, hint_blocks=family.hint_blocks).install()
     state.processors = processors
     state.passes += 1
     if state.first_size is None:

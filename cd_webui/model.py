@@ -16,6 +16,13 @@ unused OpenCLIP text tower. What this module adds, keyed by the loaded checkpoin
   ``HF_ENDPOINT`` when allowed (progress in the webui's progress bar, :func:`download_progress`), else
   :class:`~lib_colorize.errors.MissingWeights` says what to put where.
 
+XL checkpoints (sdxl-*, xlv2-*; method-xl §10): the webui builds sgm's ``DiffusionEngine`` from
+``configs/colorizediffusion-xl-{eps,v}.yaml`` (its U-Net and VAE from the file, and the extension's text-free
+:class:`~cd_webui.xl_conditioner.ReferenceOnlyConditioner`); this module adds the XL sketch encoder, the projector
+(``proj.*``) and the XL reference encoder (CLIP ViT-bigG-14 and the WD tagger from the models folder,
+:mod:`lib_colorize.weights`). The reference encoders are loaded for an encode and released afterwards: back to
+the CPU on a GPU (the offload setting), dropped on a CPU-only machine (staged loading, method-xl §9).
+
 Low VRAM: with ``--lowvram``/``--medvram`` our modules live on the CPU and visit the GPU only while they run
 (the webui's own offloading does not know them); the reference encoder is moved off the GPU after use when the
 setting asks for it.
@@ -39,14 +46,20 @@ EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(EXTENSION_ROOT, "configs")
 CONFIGS = {"eps": os.path.join(CONFIG_DIR, "colorizediffusion-eps.yaml"),
            "v": os.path.join(CONFIG_DIR, "colorizediffusion-v.yaml")}
+XL_CONFIGS = {"eps": os.path.join(CONFIG_DIR, "colorizediffusion-xl-eps.yaml"),
+              "v": os.path.join(CONFIG_DIR, "colorizediffusion-xl-v.yaml")}
 
 SETTINGS_SECTION = ("colorizediffusion", "ColorizeDiffusion")
 SETTING_MODELS_DIR = "colorize_models_path"
 SETTING_OFFLOAD = "colorize_offload_reference_encoder"
 SETTING_GALLERY = "colorize_extra_gallery_images"
+SETTING_XL_ENCODER_DTYPE = "colorize_xl_encoder_cpu_dtype"
+XL_ENCODER_CPU_DTYPES = ("float32", "bfloat16")
 
 #: open_clip architecture of the reference encoder (tests swap in a tiny registered one).
 CLIP_ARCH = "ViT-H-14"
+#: open_clip architecture of the XL models' CLIP image tower (ViT-bigG-14; tests swap in a tiny one).
+XL_CLIP_ARCH = "ViT-bigG-14"
 
 _lock = threading.RLock()
 
@@ -78,6 +91,15 @@ def on_ui_settings() -> None:
     )
     for key, default, label in options:
         shared.opts.add_option(key, shared.OptionInfo(default, label, section=SETTINGS_SECTION))
+    try:
+        import gradio as gr
+
+        component = {"component": gr.Radio, "component_args": {"choices": list(XL_ENCODER_CPU_DTYPES)}}
+    except ImportError:  # pragma: no cover - the webui always has gradio
+        component = {}
+    shared.opts.add_option(SETTING_XL_ENCODER_DTYPE, shared.OptionInfo(
+        "float32", "XL models on a CPU-only machine: precision of the reference encoders (CLIP ViT-bigG-14, "
+                   "1.8 B parameters; bfloat16 halves their memory)", section=SETTINGS_SECTION, **component))
 
 
 def models_dir() -> str:
@@ -96,10 +118,13 @@ def config_for_keys(keys: Iterable[str], filename: str) -> Optional[str]:
     """Our YAML for a ColorizeDiffusion key set (None for anything else): eps/v by the file-name rule."""
     from lib_colorize.checkpoint import is_colorize_checkpoint, parameterization_for, version_from_keys
 
+    from lib_colorize.family import is_xl
+
     keys = list(keys)
     if not is_colorize_checkpoint(keys):
         return None
-    return CONFIGS[parameterization_for(filename or "", version_from_keys(keys))]
+    version = version_from_keys(keys)
+    return (XL_CONFIGS if is_xl(version) else CONFIGS)[parameterization_for(filename or "", version)]
 
 
 def _make_resolver(original: Callable) -> Callable:
@@ -245,8 +270,9 @@ _sketch_cache: dict = {}
 def sketch_encoder(sd_model=None):
     """The sketch encoder of the loaded checkpoint (``control_encoder.*``), on the compute device, or on the CPU
     under --lowvram/--medvram (use :func:`on_device`)."""
-    from lib_colorize.checkpoint import SKETCH_PREFIX, read_tensors
+    from lib_colorize.checkpoint import SKETCH_PREFIX, XL_SKETCH_KEY, read_tensors
     from lib_colorize.models.sketch_encoder import SketchEncoder
+    from lib_colorize.models.sketch_encoder_xl import SketchEncoderXL
 
     require_colorize_model(sd_model)
     path = checkpoint_path(sd_model)
@@ -256,8 +282,9 @@ def sketch_encoder(sd_model=None):
         if encoder is None:
             _sketch_cache.clear()
             tensors = read_tensors(path, SKETCH_PREFIX)
+            xl = XL_SKETCH_KEY[len(SKETCH_PREFIX):] in tensors
             try:
-                encoder = SketchEncoder.from_state_dict(tensors)
+                encoder = (SketchEncoderXL if xl else SketchEncoder).from_state_dict(tensors)
             except (KeyError, RuntimeError) as error:
                 raise CheckpointError(path, f"the sketch encoder (control_encoder.*) does not load: {error}") from None
             encoder = encoder.eval().requires_grad_(False).to(dtype=compute_dtype())
@@ -298,6 +325,96 @@ class on_device:
             self.module.to("cpu")
 
 
+# ------------------------------------------------------------------------------------------- XL reference encoder
+_xl: dict = {"key": None, "encoder": None}
+
+
+def hf_endpoint() -> str:
+    return str(getattr(_shared(), "hf_endpoint", None) or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+def xl_encoder_dtype() -> torch.dtype:
+    """The XL reference encoders' precision: the webui's on a GPU; the setting's on a CPU (float32 default)."""
+    if compute_device().type != "cpu":
+        return compute_dtype()
+    name = str(setting(SETTING_XL_ENCODER_DTYPE, "float32"))
+    return getattr(torch, name if name in XL_ENCODER_CPU_DTYPES else "float32")
+
+
+def xl_reference_encoder(sd_model=None):
+    """The XL reference encoder of the loaded checkpoint (its projector from the file, the encoders' files from
+    the models folder, found or downloaded before anything is loaded)."""
+    from lib_colorize.checkpoint import PROJECTOR_PREFIX, read_tensors
+    from lib_colorize.models.clip_xl import clip_config_for
+    from lib_colorize.models.projector import ClusterConcat
+    from lib_colorize.models.xl_reference import xl_reference_encoder as build
+
+    require_colorize_model(sd_model)
+    path = checkpoint_path(sd_model)
+    dtype = xl_encoder_dtype()
+    key = (file_key(path), models_dir(), str(dtype), str(compute_device()), XL_CLIP_ARCH)
+    with _lock:
+        if _xl["key"] == key:
+            return _xl["encoder"]
+        try:
+            projector = ClusterConcat.from_state_dict(read_tensors(path, PROJECTOR_PREFIX))
+        except (KeyError, RuntimeError) as error:
+            raise CheckpointError(path, f"the projector (proj.*) does not load: {error}") from None
+        projector = projector.eval().requires_grad_(False).to(dtype=compute_dtype())
+        keep = "none" if compute_device().type == "cpu" else ("cpu" if offload_clip() else "device")
+        encoder = build(projector, models_dir(), device=compute_device(), dtype=dtype, keep=keep,
+                        progress=download_progress, endpoint=hf_endpoint(),
+                        clip_config=clip_config_for(XL_CLIP_ARCH))
+        _xl.update(key=key, encoder=encoder)
+        return encoder
+
+
+def first_stage_posterior(sd_model, image: torch.Tensor):
+    """The VAE posterior of ``image`` (its mean and std; the injection and the enhance latents draw their own seeded
+    samples): ldm's ``encode_first_stage`` returns it; sgm's (XL) returns an already sampled and scaled latent, so
+    the posterior is taken from the first stage's encoder and ``quant_conv`` (method-xl §10.3 #8)."""
+    if not getattr(sd_model, "is_sdxl", False):
+        return sd_model.encode_first_stage(image)
+    from lib_colorize.models.vae import DiagonalGaussianDistribution
+
+    first_stage = sd_model.first_stage_model
+    return DiagonalGaussianDistribution(first_stage.quant_conv(first_stage.encoder(image)))
+
+
+_xlv2: dict = {"key": None, "loras": None}
+
+
+def xlv2_loras(sd_model, device, dtype) -> dict:
+    """xlv2's background LoRA from the loaded file (read on first use, kept while the file is loaded)."""
+    from lib_colorize.checkpoint import UNET_PREFIX, read_tensors
+    from lib_colorize.enhance_xl import load_xlv2_lora
+
+    path = checkpoint_path(sd_model)
+    key = (file_key(path), str(device), str(dtype))
+    with _lock:
+        if _xlv2["key"] != key:
+            tensors = read_tensors(path, UNET_PREFIX, keep=lambda name: ".lora_" in name)
+            _xlv2.update(key=key, loras=load_xlv2_lora(tensors, dtype=dtype, device=device))
+        return _xlv2["loras"]
+
+
+def xlv2_reference_net(sd_model, device, dtype):
+    """xlv2's ReferenceNet (``bg_encoder.*``, 2.0 B parameters), loaded for one generation's banks; the caller
+    drops it afterwards (the banks are cached by content)."""
+    from lib_colorize.checkpoint import load_checkpoint
+
+    print("ColorizeDiffusion: loading the xlv2 ReferenceNet for this generation's banks")
+    return load_checkpoint(checkpoint_path(sd_model), dtype=dtype, device=device,
+                           components=("reference_net",)).reference_net
+
+
+def encode_xl_reference(image: torch.Tensor) -> torch.Tensor:
+    """Reference (1,3,H,W) in [-1,1] -> the XL context (1, 196, 2048) on the compute device (cached by content)."""
+    with _clip_use_lock:
+        encoder = xl_reference_encoder()
+        return token_cache().get_or_encode(encoder, image).to(compute_device())
+
+
 # ------------------------------------------------------------------------------------------------------ OpenCLIP
 _clip: dict = {"path": None, "visual": None, "text": None}
 
@@ -328,8 +445,8 @@ def clip_weights_path() -> str:
     ``shared.hf_endpoint``), its progress shown in the webui."""
     from lib_colorize.weights import CLIP_VIT_H, ensure_weight_file
 
-    endpoint = getattr(_shared(), "hf_endpoint", None) or os.environ.get("HF_ENDPOINT")
-    return os.fspath(ensure_weight_file(CLIP_VIT_H, models_dir(), progress=download_progress, endpoint=endpoint))
+    return os.fspath(ensure_weight_file(CLIP_VIT_H, models_dir(), progress=download_progress,
+                                        endpoint=hf_endpoint()))
 
 
 def _load_clip_towers(towers: Sequence[str]) -> None:
@@ -429,6 +546,8 @@ def clear_caches(*, clip_too: bool = False) -> None:
     with _lock:
         _sketch_cache.clear()
         _info_cache.clear()
+        _xl.update(key=None, encoder=None)
+        _xlv2.update(key=None, loras=None)
         if clip_too:
             _clip.update(path=None, visual=None, text=None)
             if _token_cache is not None:
@@ -445,6 +564,9 @@ def on_model_loaded(sd_model) -> None:
     with _lock:
         if key not in _sketch_cache:
             _sketch_cache.clear()
+    with _lock:
+        if _xl["key"] is not None and _xl["key"][0] != key:
+            _xl.update(key=None, encoder=None)
     used_config = os.path.abspath(str(getattr(sd_model, "used_config", "") or ""))
     if used_config in {os.path.abspath(c) for c in CONFIGS.values()} or _is_colorize_file(path):
         repair_schedule(sd_model)
@@ -472,8 +594,8 @@ def clear_text_encoder(sd_model) -> bool:
     next and may hold NaN. ColorizeDiffusion never uses them; zeros make them finite and reproducible.
     """
     cond_stage = getattr(sd_model, "cond_stage_model", None)
-    if cond_stage is None:
-        return False
+    if cond_stage is None or next(cond_stage.parameters(), None) is None:
+        return False   # none, or the XL config's text-free conditioner
     with torch.no_grad():
         for parameter in cond_stage.parameters():
             if not parameter.is_meta:

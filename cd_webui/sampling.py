@@ -13,7 +13,9 @@ sampling pass, so nothing has to be restored) our :func:`colorize_forward`. It k
 
 The guidance itself is :func:`lib_colorize.denoiser.guided_call`, shared with the host-free pipeline, over
 ``inner_model(x_in, sigma_in, ctx) = self.inner_model(x_in, sigma_in, cond={"c_crossattn": [ctx], "c_concat":
-[image_cond rows]})``. The prompt conds, ``cond_scale``, NGMS/skip-early-CFG and the refiner are not used while
+[image_cond rows]})``; for the XL models (sgm's ``DiffusionEngine``) ``inner_model(x_in, sigma_in, ctx, y)`` with
+``cond={"crossattn": ctx, "vector": y}``, which sgm's ``OpenAIWrapper`` hands to the U-Net as ``context`` and ``y``
+(method-xl §10.1-10.3): our context and 512-wide ``y`` in every pass, never the webui's text conds. The prompt conds, ``cond_scale``, NGMS/skip-early-CFG and the refiner are not used while
 ColorizeDiffusion is active (the reference replaces the prompt; the refiner is refused in ``process``).
 """
 from __future__ import annotations
@@ -102,7 +104,10 @@ class _InnerModel:
         row = ic[self.image:self.image + 1] if ic.shape[0] > self.image else ic[:1]
         return row.expand(rows, *ic.shape[1:])
 
-    def __call__(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor,
+                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if y is not None:   # sgm: {"crossattn", "vector"} (a "concat" key would be concatenated onto x)
+            return self.denoiser.inner_model(x_in, sigma_in, cond={"crossattn": context, "vector": y})
         cond = {"c_crossattn": [context], "c_concat": [self._image_cond_rows(x_in.shape[0])]}
         return self.denoiser.inner_model(x_in, sigma_in, cond=cond)
 

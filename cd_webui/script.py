@@ -60,3 +60,7 @@ class DelegatingScript(scripts.Script):
 
 class ColorizeDiffusionScript(DelegatingScript):
     """The AUTOMATIC1111 script."""
+
+    def after_component(self, component, **kwargs):
+        if kwargs.get("elem_id") == "setting_sd_model_checkpoint":   # the accordion adapts to the loaded model
+            ui.bind_checkpoint_dropdown(self, component)

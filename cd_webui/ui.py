@@ -21,7 +21,14 @@ is also the positional API (``alwayson_scripts.ColorizeDiffusion.args``); it onl
 39-41 crop_result, return_sketch, return_heatmap                                 Checkboxes
 42    manipulations                   Textbox: the manipulation sequence, one group per line
 43-58 style_enhance ... return_masks  the enhance section (:mod:`cd_webui.enhance_ui`, args.ENHANCE_SLOTS)
+59-62 sketch_strength_1 .. 4          Sliders (XL models)
+63    sketch_rope                     Radio cos / rotation (XL models)
 ====  ==============================  =================================================================
+
+The accordion adapts to the selected checkpoint (:func:`visibility_for`): the XL rows show only for the XL
+models; the 16 per-layer sliders, the middle level scale, text manipulation and its heat map only for the SD2.1
+models (sdxl also hides the low level scale). It updates when the accordion is opened and when the checkpoint
+list changes (:func:`bind_checkpoint_dropdown`).
 
 The manipulation form (target / anchor / control prompts, target scale, enhance, thresholds) only feeds the
 "Add" and "Visualize" buttons: a group takes effect once it is in the sequence textbox.
@@ -40,7 +47,8 @@ from lib_colorize.infotext import CONDITIONAL_FIELDS, FIELD_BY_INFOTEXT, has_col
 from lib_colorize.manipulation import (format_manipulation_line, format_manipulation_sequence,
                                        parse_manipulation_sequence)
 from lib_colorize.options import (DEFAULT_THRESHOLDS, FIELD_BY_NAME, LEVEL_NAMES, MAX_MANIPULATIONS,
-                                  LevelScales, check_thresholds, parse_manipulation, parse_manipulations)
+                                  SKETCH_LEVEL_FIELDS, LevelScales, applies_to, check_thresholds,
+                                  parse_manipulation, parse_manipulations)
 from modules.ui_components import InputAccordion
 
 from .args import (ACCURATE_SLOT, LAYER_NAMES, LAYER_SLOTS, LEVEL_LABELS, LEVEL_SLOTS, MANIPULATIONS_SLOT,
@@ -147,6 +155,61 @@ def visualize(reference, sequence, control, t0, t1, t2, t3):
         raise gr.Error(str(error)) from None
 
 
+# ------------------------------------------------------------------------------------- model adaptation
+#: What each adaptive part of the accordion shows for: the option whose :func:`applies_to` decides.
+ADAPTIVE_PARTS = (("xl_row", "sketch_rope"), ("layers_accordion", "layer_scales"),
+                  ("manipulation_accordion", "manipulations"), ("return_heatmap", "return_heatmap"),
+                  ("level_scales.middle", "level_scales.middle"), ("level_scales.low", "level_scales.low"))
+
+
+def version_of_checkpoint(title: Optional[str]) -> Optional[str]:
+    """The ColorizeDiffusion version of a checkpoint-list entry (its file header), None when unknown."""
+    if not title:
+        return None
+    try:
+        from modules import sd_models
+
+        from cd_webui import model as cd_model
+
+        info = sd_models.get_closet_checkpoint_match(str(title))
+        filename = getattr(info, "filename", None)
+        return cd_model.checkpoint_info(filename).version if filename else None
+    except Exception:  # noqa: BLE001 - not a ColorizeDiffusion file, or no such entry: show everything
+        return None
+
+
+def selected_version() -> Optional[str]:
+    """The version of the loaded checkpoint, else of the one selected in the settings."""
+    try:
+        from modules import shared
+
+        from cd_webui import model as cd_model
+
+        sd_model = getattr(shared, "sd_model", None)
+        if sd_model is not None:
+            return cd_model.checkpoint_info(cd_model.checkpoint_path(sd_model)).version
+        return version_of_checkpoint(getattr(shared.opts, "sd_model_checkpoint", None))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def visibility_for(version: Optional[str]) -> list:
+    """``gr.update(visible=...)`` of each :data:`ADAPTIVE_PARTS` entry for a model version (None: all shown)."""
+    return [gr.update(visible=applies_to(option, version)) for _, option in ADAPTIVE_PARTS]
+
+
+def bind_checkpoint_dropdown(script, dropdown) -> None:
+    """Adapt the accordion when the webui's checkpoint dropdown changes (called from ``after_component``)."""
+    parts = getattr(script, "cd_adaptive_parts", None)
+    if not parts:
+        return
+    try:
+        dropdown.change(fn=lambda title: visibility_for(version_of_checkpoint(title)), inputs=[dropdown],
+                        outputs=parts, show_progress=False)
+    except Exception as error:  # noqa: BLE001 - a webui without that dropdown: opening the accordion adapts it
+        print(f"ColorizeDiffusion: the accordion will adapt when opened ({error})")
+
+
 # -------------------------------------------------------------------------------------------- building
 def slot_elem_id(script, slot: str) -> str:
     """HTML id of a slot's component (``script_<tab>_colorizediffusion_<slot>``; brackets and dots become _)."""
@@ -186,6 +249,9 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
     below the ``notice``: it returns ``(components, infotext_fields)``; the components follow the
     :data:`UI_ORDER` ones in the returned list (and the positional API)."""
     c: dict[str, Any] = {}
+    parts: dict[str, Any] = {}
+    version = selected_version()
+    shown = {part: applies_to(option, version) for part, option in ADAPTIVE_PARTS}
     levels = LevelScales()
     host_components, host_fields = [], []
     with InputAccordion(False, label=TITLE, elem_id=script.elem_id("enabled")) as enabled:
@@ -208,7 +274,7 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
             size_button = gr.Button("Use sketch size", size="sm", elem_id=script.elem_id("use_sketch_size"),
                                     elem_classes="cd-size-button")
             _tooltip(size_button, "Set width and height to the sketch's aspect ratio (about 512 x 512 pixels, "
-                                  "multiples of 64).")
+                                  "multiples of 64; XL models: about 1024 x 1024, multiples of 32).")
 
         mode = FIELD_BY_NAME["sketch_mode"]
         extractor = FIELD_BY_NAME["line_extractor"]
@@ -225,14 +291,22 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
         with gr.Row():
             for name in ("sketch_strength", "reference_strength"):
                 c[name] = _field_slider(script, name)
+        with gr.Row(visible=shown["xl_row"], elem_id=script.elem_id("xl_row")) as parts["xl_row"]:
+            for name in SKETCH_LEVEL_FIELDS:
+                c[name] = _field_slider(script, name)
+            rope = FIELD_BY_NAME["sketch_rope"]
+            c["sketch_rope"] = _tooltip(gr.Radio(list(rope.choices), value=rope.default, label=rope.label,
+                                                 elem_id=slot_elem_id(script, "sketch_rope")), rope.tooltip)
         with gr.Row():
             for level, slot in zip(LEVEL_NAMES, LEVEL_SLOTS):
                 label, tip = LEVEL_LABELS[level]
                 c[slot] = _tooltip(gr.Slider(minimum=SCALE_RANGE[0], maximum=SCALE_RANGE[1], step=SCALE_RANGE[2],
                                              value=getattr(levels, level), label=label,
-                                             elem_id=slot_elem_id(script, slot)), tip)
-        with gr.Accordion("Per-layer cross-attention scales", open=False,
-                          elem_id=script.elem_id("layers_accordion")):
+                                             visible=shown.get(slot, True), elem_id=slot_elem_id(script, slot)), tip)
+                if slot in shown:
+                    parts[slot] = c[slot]
+        with gr.Accordion("Per-layer cross-attention scales", open=False, visible=shown["layers_accordion"],
+                          elem_id=script.elem_id("layers_accordion")) as parts["layers_accordion"]:
             c[ACCURATE_SLOT] = _tooltip(
                 gr.Checkbox(False, label="Accurate per-layer control", elem_id=slot_elem_id(script, ACCURATE_SLOT)),
                 "Use these 16 sliders (one per cross-attention layer) instead of the three level scales; "
@@ -260,10 +334,12 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
                 for name in ("injection_reference_fidelity", "injection_sketch_fidelity", "injection_start"):
                     c[name] = _field_slider(script, name, visible=injection_default)
         with gr.Row():
-            for name in ("return_sketch", "return_heatmap"):
-                c[name] = _field_checkbox(script, name)
+            c["return_sketch"] = _field_checkbox(script, "return_sketch")
+            c["return_heatmap"] = parts["return_heatmap"] = _field_checkbox(script, "return_heatmap",
+                                                                            visible=shown["return_heatmap"])
 
-        with gr.Accordion("Text manipulation", open=False, elem_id=script.elem_id("manipulation_accordion")):
+        with gr.Accordion("Text manipulation", open=False, visible=shown["manipulation_accordion"],
+                          elem_id=script.elem_id("manipulation_accordion")) as parts["manipulation_accordion"]:
             with gr.Row():
                 target = gr.Textbox(label="Target prompt", placeholder="none", lines=1,
                                     elem_id=script.elem_id("target_prompt"))
@@ -323,7 +399,12 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
     tab = _tab_name(script, is_img2img)
     size_button.click(fn=None, inputs=None, outputs=None,
                       _js=f"function(){{ colorizeDiffusionUseSketchSize('{tab}', "
-                          f"'{slot_elem_id(script, 'sketch')}'); return []; }}")
+                          f"'{slot_elem_id(script, 'sketch')}', '{script.elem_id('xl_row')}'); return []; }}")
+
+    adaptive = [parts[part] for part, _ in ADAPTIVE_PARTS]
+    enabled.change(fn=lambda _on: visibility_for(selected_version()), inputs=[enabled], outputs=adaptive,
+                   show_progress=False)
+    script.cd_adaptive_parts = adaptive
 
     # ---------------------------------------------------------------------------------- infotext / paste
     script.infotext_fields = [(c[slot], _paste_target(slot)) for slot in UI_ORDER if slot != USE_INIT_IMAGE_SLOT]

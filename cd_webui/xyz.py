@@ -15,11 +15,12 @@ import logging
 from typing import Any, Callable, Optional
 
 from lib_colorize.errors import InvalidInput
-from lib_colorize.options import FIELD_BY_NAME, LEVEL_NAMES, check_number
+from lib_colorize.options import FIELD_BY_NAME, LEVEL_NAMES, SKETCH_LEVEL_FIELDS, check_number
 
 from .args import LEVEL_LABELS, SCALE_RANGE, level_override_attr, override_attr
 
-__all__ = ["AXIS_PREFIX", "NUMERIC_AXES", "LEVEL_AXES", "BOOLEAN_AXES", "register_xyz_axes", "find_xyz_module",
+__all__ = ["AXIS_PREFIX", "NUMERIC_AXES", "LEVEL_AXES", "BOOLEAN_AXES", "XL_NUMERIC_AXES", "register_xyz_axes",
+           "find_xyz_module",
            "axis_labels"]
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ NUMERIC_AXES = ("reference_guidance", "sketch_guidance", "sketch_strength", "ref
                 "reference_mask_threshold", "sketch_mask_threshold")
 LEVEL_AXES = LEVEL_NAMES
 BOOLEAN_AXES = ("injection", "style_enhance", "bg_enhance", "fg_enhance")
+#: The XL models' per-level sketch strengths (after the others, so the earlier axes keep their indices).
+XL_NUMERIC_AXES = SKETCH_LEVEL_FIELDS
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -45,6 +48,7 @@ def axis_labels() -> list[str]:
     labels = [AXIS_PREFIX + FIELD_BY_NAME[name].label for name in NUMERIC_AXES]
     labels += [AXIS_PREFIX + LEVEL_LABELS[level][0] for level in LEVEL_AXES]
     labels += [AXIS_PREFIX + FIELD_BY_NAME[name].label for name in BOOLEAN_AXES]
+    labels += [AXIS_PREFIX + FIELD_BY_NAME[name].label for name in XL_NUMERIC_AXES]
     return labels
 
 
@@ -103,16 +107,21 @@ def _bool_check(key: str) -> Callable:
 def _build_axes(module) -> list:
     axis = module.AxisOption
     axes = []
-    for name in NUMERIC_AXES:
+    def numeric(name: str) -> None:
         spec = FIELD_BY_NAME[name]
         axes.append(axis(AXIS_PREFIX + spec.label, float, _setter(override_attr(name)),
                          confirm=_range_check(name, spec.minimum, spec.maximum)))
+
+    for name in NUMERIC_AXES:
+        numeric(name)
     for level in LEVEL_AXES:
         axes.append(axis(AXIS_PREFIX + LEVEL_LABELS[level][0], float, _setter(level_override_attr(level)),
                          confirm=_range_check(f"level_scales.{level}", SCALE_RANGE[0], SCALE_RANGE[1])))
     for name in BOOLEAN_AXES:
         axes.append(axis(AXIS_PREFIX + FIELD_BY_NAME[name].label, str, _bool_setter(name, override_attr(name)),
                          confirm=_bool_check(name), choices=lambda: ["False", "True"]))
+    for name in XL_NUMERIC_AXES:
+        numeric(name)
     return axes
 
 

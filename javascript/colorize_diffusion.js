@@ -1,5 +1,7 @@
 // ColorizeDiffusion: "Use sketch size" sets the tab's width and height sliders to the sketch's aspect ratio,
-// keeping about 512 x 512 pixels and multiples of 64. Called by the button's click (see cd_webui/ui.py).
+// keeping about 512 x 512 pixels and multiples of 64; for an XL checkpoint (its row of the accordion is shown) the
+// XL app's autofit: about 1024 x 1024, multiples of 32, each side in 768..1536. Called by the button's click
+// (see cd_webui/ui.py).
 (function() {
     "use strict";
 
@@ -33,11 +35,25 @@
         return [snap(Math.sqrt(AREA * ratio)), snap(Math.sqrt(AREA / ratio))];
     };
 
-    window.colorizeDiffusionUseSketchSize = function(tab, sketchId) {
+    // the XL app's "Autofit size" (method-xl §7.2): h' = floor(sqrt(1024² / a)), w' = floor(h' a), each rounded
+    // to the nearest multiple of 32 and clamped to [768, 1536] on its own
+    window.colorizeDiffusionAutofitXL = function(width, height) {
+        if (!(width > 0 && height > 0)) return null;
+        var ratio = width / height;
+        var h = Math.floor(Math.sqrt(1024 * 1024 / ratio));
+        var w = Math.floor(h * ratio);
+        var fit = function(v) { return Math.max(768, Math.min(1536, Math.floor((v + 16) / 32) * 32)); };
+        return [fit(w), fit(h)];
+    };
+
+    window.colorizeDiffusionUseSketchSize = function(tab, sketchId, xlRowId) {
         try {
             var root = typeof gradioApp === "function" ? gradioApp() : document;
             var img = root.querySelector("#" + sketchId + " img");
-            var size = img ? window.colorizeDiffusionSizeFor(img.naturalWidth, img.naturalHeight) : null;
+            var xlRow = xlRowId ? root.querySelector("#" + xlRowId) : null;
+            var xl = xlRow !== null && xlRow.offsetParent !== null;
+            var rule = xl ? window.colorizeDiffusionAutofitXL : window.colorizeDiffusionSizeFor;
+            var size = img ? rule(img.naturalWidth, img.naturalHeight) : null;
             if (!size) return [];
             setSlider(root, tab + "_width", size[0]);
             setSlider(root, tab + "_height", size[1]);

@@ -1,7 +1,10 @@
-"""Inspect and load released ColorizeDiffusion checkpoints (method §1.3, §1.4, §11).
+"""Inspect and load released ColorizeDiffusion checkpoints (method §1.3, §1.4, §11; method-xl §1.3-1.5).
 
 * :func:`inspect_checkpoint` reads only the key table (safetensors header) and decides the model version from the
-  keys (cross-checked with the file-name prefix) and the parameterization (eps / v).
+  keys (cross-checked with the file-name prefix) and the parameterization (eps / v). XL files (``sdxl``,
+  ``xlv2``) are recognised by their keys (the multi-scale sketch encoder, the ``proj.*`` projector, the 512-wide
+  ``label_emb``); their variant comes from the file name as in the original app (method-xl §1.3), checked
+  against the keys (an ``xlv2`` file must carry its ReferenceNet ``bg_encoder.*``).
 * :func:`load_checkpoint` builds the U-Net, VAE and sketch encoder with dimensions inferred from the weights and
   fills them with exactly the tensors they need (other tensors are never read). Extra modules of v1.5/v2 (LoRA,
   ``transformer``, ``thresh_embedder``, ``warp_modules``, ``style_modules``, ``bg_encoder``, ``style_encoder``) and
@@ -25,35 +28,49 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .memory import release_memory
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SKETCH_PREFIX = "control_encoder."
 
-COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "sketch_encoder": SKETCH_PREFIX}
+PROJECTOR_PREFIX = "proj."
+REFERENCE_NET_PREFIX = "bg_encoder."
+
+COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "sketch_encoder": SKETCH_PREFIX,
+                      "projector": PROJECTOR_PREFIX, "reference_net": REFERENCE_NET_PREFIX}
 COMPONENT_NAMES = {"unet": "U-Net (model.diffusion_model.*)", "vae": "VAE (first_stage_model.*)",
-                   "sketch_encoder": "sketch encoder (control_encoder.*)"}
+                   "sketch_encoder": "sketch encoder (control_encoder.*)", "projector": "projector (proj.*)",
+                   "reference_net": "ReferenceNet (bg_encoder.*)"}
+#: Components of each family that :func:`load_checkpoint` loads by default.
+DEFAULT_COMPONENTS = {"sd2.1": ("unet", "vae", "sketch_encoder"), "sdxl": ("unet", "vae", "sketch_encoder", "projector")}
 
 V15_PREFIXES = ("transformer.", "thresh_embedder.")
 V2_PREFIXES = (UNET_PREFIX + "warp_modules.", UNET_PREFIX + "style_modules.", "bg_encoder.", "style_encoder.")
-# Tensors under the U-Net prefix that the default-mode U-Net does not use (method §1.4, §11).
-_UNET_IGNORED = re.compile(r"\.lora_(down|up)_(fg|bg)\.weight$|^(warp_modules|style_modules)\.")
+# Tensors under the U-Net prefix that the default-mode U-Net does not use (method §1.4, §11; method-xl §1.5:
+# xlv2's background LoRA and its never-used conv_fg).
+_UNET_IGNORED = re.compile(r"\.lora_(down|up)_(fg|bg|background)\.weight$|^(warp_modules|style_modules)\.|^conv_fg\.")
+#: The key that marks the XL multi-scale sketch encoder (method-xl §1.5).
+XL_SKETCH_KEY = SKETCH_PREFIX + "attn_layer.to_q.weight"
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER_BYTES = 100 * 2 ** 20
 
-VERSIONS = ("v1", "v1.5", "v2")
-# File-name prefixes of the released files (method §1.3): mult* = v1, switch* = v1.5, v2* = v2.
-NAME_PREFIX_VERSIONS = (("mult", "v1"), ("switch", "v1.5"), ("v2", "v2"))
+VERSIONS = ("v1", "v1.5", "v2", "sdxl", "xlv2")
+# File-name prefixes of the released files (method §1.3): mult* = v1, switch* = v1.5, v2* = v2; XL (method-xl §1.3):
+# sdxl*, xlv2*, tested in that order.
+NAME_PREFIX_VERSIONS = (("mult", "v1"), ("switch", "v1.5"), ("v2", "v2"), ("sdxl", "sdxl"), ("xlv2", "xlv2"))
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Header entry of one stored tensor: safetensors dtype name (``F32``, ``F16``, ``BF16``...) and shape."""
+    """Header entry of one stored tensor: safetensors dtype name (``F32``, ``F16``, ``BF16``...), shape, and its
+    byte range in the file (absolute offsets; empty for tensors that do not come from a .safetensors header)."""
 
     dtype: str
     shape: Tuple[int, ...]
+    offsets: Tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,13 @@ class CheckpointInfo:
     warnings: Tuple[str, ...] = ()
     context_dim: Optional[int] = None   # width of the cross-attention context (= the CLIP token width D)
 
+    @property
+    def family(self):
+        """The :class:`~lib_colorize.family.ModelFamily` of :attr:`version`."""
+        from .family import family_of
+
+        return family_of(self.version)
+
 
 @dataclass
 class LoadedCheckpoint:
@@ -87,6 +111,8 @@ class LoadedCheckpoint:
     unet: Optional[nn.Module] = None
     vae: Optional[nn.Module] = None
     sketch_encoder: Optional[nn.Module] = None
+    projector: Optional[nn.Module] = None        # XL: ClusterConcat (proj.*)
+    reference_net: Optional[nn.Module] = None    # xlv2: the ReferenceNet (bg_encoder.*)
     ignored_keys: int = 0
     extras: Dict[str, object] = field(default_factory=dict)
 
@@ -106,9 +132,17 @@ def is_colorize_checkpoint(keys: Iterable[str]) -> bool:
     return False
 
 
+def is_xl_keys(keys: Iterable[str]) -> bool:
+    """True for the XL layout: the multi-scale attention sketch encoder (method-xl §1.5)."""
+    return XL_SKETCH_KEY in set(keys)
+
+
 def version_from_keys(keys: Iterable[str]) -> str:
-    """v2 if any v2 module is present; v1.5 if ``transformer.*`` and ``thresh_embedder.*``; else v1 (method §1.4)."""
+    """XL: xlv2 with a ReferenceNet (``bg_encoder.*``), else sdxl. SD2.1: v2 if any v2 module is present; v1.5
+    if ``transformer.*`` and ``thresh_embedder.*``; else v1 (method §1.4)."""
     keys = list(keys)
+    if is_xl_keys(keys):
+        return "xlv2" if any(k.startswith(REFERENCE_NET_PREFIX) for k in keys) else "sdxl"
     if any(k.startswith(V2_PREFIXES) for k in keys):
         return "v2"
     if any(k.startswith("transformer.") for k in keys) and any(k.startswith("thresh_embedder.") for k in keys):
@@ -126,11 +160,29 @@ def version_from_name(path: "str | os.PathLike[str]") -> Optional[str]:
 
 
 def parameterization_for(path: "str | os.PathLike[str]", version: str) -> str:
-    """eps if the file name contains "eps"; otherwise v for v2 and eps for v1/v1.5 (method §1.2, §11: the
-    ``mult-ft``/``mult-newft`` files are eps although their names lack "eps")."""
+    """eps if the file name contains "eps"; otherwise v for v2 and the XL models (method-xl §1.3) and eps for
+    v1/v1.5 (method §1.2, §11: the ``mult-ft``/``mult-newft`` files are eps although their names lack "eps")."""
     if "eps" in os.path.basename(os.fspath(path)).lower():
         return "eps"
-    return "v" if version == "v2" else "eps"
+    return "v" if version in ("v2", "sdxl", "xlv2") else "eps"
+
+
+def xl_version(path: "str | os.PathLike[str]", keys: Sequence[str]) -> Tuple[str, Tuple[str, ...]]:
+    """The XL variant (method-xl §1.3): from the file-name prefix (``sdxl``/``xlv2``), else from the keys, with
+    the reasons as warnings. An ``xlv2`` name without ``bg_encoder.*`` keys raises CheckpointError."""
+    from_keys = version_from_keys(keys)
+    from_name = version_from_name(path)
+    if from_name == "xlv2" and from_keys != "xlv2":
+        raise CheckpointError(path, "the name says xlv2 but the file has no ReferenceNet (bg_encoder.*) weights; "
+                                    "rename it to sdxl-... if it is the base model")
+    if from_name == "sdxl":
+        notes = ("the file carries xlv2 modules (bg_encoder.*), which the sdxl model does not use",) \
+            if from_keys == "xlv2" else ()
+        return "sdxl", notes
+    if from_name == "xlv2":
+        return "xlv2", ()
+    return from_keys, (f"the file name does not start with sdxl or xlv2 (the original app needs that); the keys "
+                       f"say {from_keys}",)
 
 
 def _describe_foreign(keys: Sequence[str]) -> str:
@@ -188,7 +240,8 @@ def read_safetensors_header(path: "str | os.PathLike[str]") -> Dict[str, TensorI
             if key == "__metadata__":
                 continue
             start, end = (int(v) for v in entry["data_offsets"])
-            infos[key] = TensorInfo(str(entry["dtype"]), tuple(int(s) for s in entry["shape"]))
+            infos[key] = TensorInfo(str(entry["dtype"]), tuple(int(s) for s in entry["shape"]),
+                                    (8 + n + start, 8 + n + end))
             data_end = max(data_end, end, start)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(path, f"corrupt .safetensors header ({exc})") from None
@@ -231,15 +284,39 @@ class _TensorSource:
         self.close()
 
 
-def _open_safetensors(path: str) -> _TensorSource:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
+
+def _read_stored_tensor(handle, path: str, key: str, info: TensorInfo) -> torch.Tensor:
+    """One tensor read from its byte range with plain file reads into its own memory. Unlike a memory map, the
+    file's pages never join the process's resident memory, so loading a 10 GB checkpoint costs its tensors,
+    not twice that."""
+    dtype = _SAFETENSORS_DTYPES.get(info.dtype)
+    if dtype is None:
+        raise CheckpointError(path, f"tensor {key!r} has the unsupported dtype {info.dtype}")
+    tensor = torch.empty(info.shape, dtype=dtype)
+    start, end = info.offsets
+    if end - start != tensor.numel() * tensor.element_size():
+        raise CheckpointError(path, f"tensor {key!r}: {end - start} bytes stored for shape {list(info.shape)} "
+                                    f"{info.dtype}")
+    if tensor.numel():
+        handle.seek(start)
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if handle.readinto(view) != len(view):
+            raise CheckpointError(path, f"file is truncated: tensor {key!r} ends past the end of the file")
+    return tensor
+
+
+def _open_safetensors(path: str) -> _TensorSource:
     infos = read_safetensors_header(path)
     try:
-        handle = safe_open(path, framework="pt", device="cpu")
-    except Exception as exc:  # SafetensorError, OSError
-        raise CheckpointError(path, f"not a readable .safetensors file (truncated or corrupt: {exc})") from exc
-    return _TensorSource(path, infos, handle.get_tensor, close=lambda: None)
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+    return _TensorSource(path, infos, lambda key: _read_stored_tensor(handle, path, key, infos[key]),
+                         close=handle.close)
 
 
 def _torch_load_weights_only(path: str) -> Dict[str, torch.Tensor]:
@@ -320,13 +397,21 @@ def _info_from_source(source: _TensorSource) -> CheckpointInfo:
     path, keys = source.path, list(source.infos)
     if not is_colorize_checkpoint(keys):
         raise CheckpointError(path, _describe_foreign(keys))
-    version = version_from_keys(keys)
     name_version = version_from_name(path)
     warnings = []
-    if name_version is not None and name_version != version:
-        warnings.append(f"the file name suggests {name_version} but the weights are {version}; using {version}")
+    if is_xl_keys(keys):
+        version, notes = xl_version(path, keys)
+        warnings.extend(notes)
+    else:
+        version = version_from_keys(keys)
+        if name_version is not None and name_version != version:
+            warnings.append(f"the file name suggests {name_version} but the weights are {version}; using {version}")
     dtypes = {}
-    for component, prefix in COMPONENT_PREFIXES.items():
+    from .family import family_of
+
+    components = DEFAULT_COMPONENTS[family_of(version).name] + (("reference_net",) if version == "xlv2" else ())
+    for component in components:
+        prefix = COMPONENT_PREFIXES[component]
         names = sorted({info.dtype for key, info in source.infos.items() if key.startswith(prefix)})
         if names:
             dtypes[component] = tuple(names)
@@ -386,7 +471,9 @@ class _ShapeView:
 
 def _build_model(source: _TensorSource, component: str) -> Tuple[nn.Module, Dict[str, Tuple[int, ...]]]:
     """Model for ``component`` on the meta device, with dimensions inferred from the stored shapes."""
+    from .models.projector import ClusterConcat, ProjectorConfig
     from .models.sketch_encoder import SketchEncoder, SketchEncoderConfig
+    from .models.sketch_encoder_xl import SketchEncoderXL, SketchEncoderXLConfig
     from .models.unet import UNetConfig, UNetModel
     from .models.vae import AutoencoderKL, VAEConfig
 
@@ -395,8 +482,11 @@ def _build_model(source: _TensorSource, component: str) -> Tuple[nn.Module, Dict
     if not shapes:
         raise CheckpointError(source.path, f"has no {COMPONENT_NAMES[component]} weights")
     views = {k: _ShapeView(s) for k, s in shapes.items()}
+    sketch_classes = (SketchEncoderXLConfig, SketchEncoderXL) if XL_SKETCH_KEY in source.infos else \
+        (SketchEncoderConfig, SketchEncoder)
     config_cls, model_cls = {"unet": (UNetConfig, UNetModel), "vae": (VAEConfig, AutoencoderKL),
-                             "sketch_encoder": (SketchEncoderConfig, SketchEncoder)}[component]
+                             "sketch_encoder": sketch_classes, "projector": (ProjectorConfig, ClusterConcat),
+                             "reference_net": (UNetConfig, UNetModel)}[component]
     if component == "vae":
         # Linear-style (C, C) attention weights are reshaped at load time (AutoencoderKL.normalize_state_dict)
         for k, v in views.items():
@@ -460,22 +550,26 @@ def _load_component(source: _TensorSource, component: str, dtype: torch.dtype,
 
 def load_checkpoint(path: "str | os.PathLike[str]", dtype: torch.dtype = torch.float32,
                     device: "str | torch.device" = "cpu",
-                    components: Sequence[str] = ("unet", "vae", "sketch_encoder")) -> LoadedCheckpoint:
+                    components: Optional[Sequence[str]] = None) -> LoadedCheckpoint:
     """Build and load the requested components, cast to ``dtype`` on ``device``.
 
-    components: any of "unet", "vae", "sketch_encoder". Only their tensors are read. Raises CheckpointError
-    (naming the file) for a foreign/corrupt/truncated file, missing required keys, or a tensor of the wrong shape.
+    components: any of "unet", "vae", "sketch_encoder", "projector" (XL), "reference_net" (xlv2); default: the
+    family's (:data:`DEFAULT_COMPONENTS`). Only their tensors are read. Raises CheckpointError (naming the file)
+    for a foreign/corrupt/truncated file, missing required keys, or a tensor of the wrong shape.
     """
-    unknown = [c for c in components if c not in COMPONENT_PREFIXES]
+    unknown = [c for c in components or () if c not in COMPONENT_PREFIXES]
     if unknown:
         raise ValueError(f"unknown components {unknown}; choose from {sorted(COMPONENT_PREFIXES)}")
     with _open(path) as source:
         info = _info_from_source(source)
+        if components is None:
+            components = DEFAULT_COMPONENTS[info.family.name]
         loaded = LoadedCheckpoint(info=info)
         for component in components:
             setattr(loaded, component, _load_component(source, component, dtype, device))
         used = sum(len(_component_keys(source, c)) for c in components)
         loaded.ignored_keys = len(source.infos) - used
+    release_memory()   # the stored copies of cast tensors
     return loaded
 
 

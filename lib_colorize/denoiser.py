@@ -4,7 +4,9 @@ A host (the host-free pipeline, the webui's ``CFGDenoiser``, Forge's model funct
 :func:`guided_call` (or :func:`evaluate_rows`, when the host combines the rows itself) three things:
 
 * ``inner_model(x_in, sigma_in, context) -> output``: one batched evaluation of its model wrapper
-  (k-diffusion denoiser returning x0, or a timestep model returning eps). The rows of a call belong to one image
+  (k-diffusion denoiser returning x0, or a timestep model returning eps); for the XL models
+  ``inner_model(x_in, sigma_in, context, y)``, with the plan's ``y`` on every row (method-xl §2.2, §5.1). The
+  rows of a call belong to one image
   of the batch; a model that needs that image's own inputs besides ``x`` (the webui's ``image_cond``) has a method
   ``for_image(i)`` that returns the model of image ``i``;
 * ``t``: the U-Net timestep of this call (fractional under k-diffusion), for the guidance window and the
@@ -35,7 +37,7 @@ from .guidance import (COND, REF_DROPPED, SKETCH_DROPPED, GuidanceMode, Guidance
 from .processors import BankRead, BankWrite, ProcessorSet, ReferenceBank, UNetCall, WritePassDone
 from .processors.injection import MIN_FIDELITY
 
-InnerModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+InnerModel = Callable[..., torch.Tensor]
 NoisedReference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -73,6 +75,7 @@ class GenerationPlan:
     blank_hints: list                         # hints of the blank (-1) sketch, × sketch strength
     window: GuidanceWindow = GuidanceWindow()
     injection: Optional[InjectionPlan] = None
+    vector: Optional[torch.Tensor] = None     # XL: y (1, 512), the same for every row and call; None for SD2.1
     #: the enhance modes' per-call inputs (:class:`lib_colorize.enhance.EnhancePlan`); ``reference_tokens`` is
     #: then their context ``[fg ; bg]``
     enhance: Optional[object] = None
@@ -85,6 +88,14 @@ class GenerationPlan:
     def call_fields(self, image: int, window_open: bool) -> dict:
         """The enhance fields of a :class:`UNetCall` of image ``image`` (none without enhance modes)."""
         return self.enhance.call_fields(image, window_open) if self.enhance is not None else {}
+
+
+def evaluate(plan: GenerationPlan, model: InnerModel, x: torch.Tensor, sigma: torch.Tensor,
+             context: torch.Tensor) -> torch.Tensor:
+    """One model call on rows ``x`` with their contexts, and the plan's ``y`` on every row when it has one."""
+    if plan.vector is None:
+        return model(x, sigma, context)
+    return model(x, sigma, context, plan.vector.to(x.device).expand(x.shape[0], -1))
 
 
 def row_contexts(plan: GenerationPlan, roles: Sequence[str], batch: int, window_open: bool) -> torch.Tensor:
@@ -139,7 +150,7 @@ def reference_pass(plan: GenerationPlan, processors: ProcessorSet, model: InnerM
     with processors.call(UNetCall(sketch_hints=inj.hints, bank=BankWrite(bank),
                                   **plan.call_fields(image, window_open))):
         try:
-            model(x_ref, sigma0.expand(rows), context)   # output discarded: only the bank matters
+            evaluate(plan, model, x_ref, sigma0.expand(rows), context)   # output discarded: only the bank
         except WritePassDone:
             pass   # the last attn1 has written the bank; the rest of the U-Net was skipped
     plan.stats["write_rows"] += rows
@@ -174,7 +185,8 @@ def image_rows(plan: GenerationPlan, processors: ProcessorSet, inner_model: Inne
                             reference_fidelity=plan.injection.reference_fidelity, device=x.device)
         with processors.call(UNetCall(sketch_hints=[h[rows] for h in hints], bank=read,
                                       **plan.call_fields(image, window_open))):
-            outputs.append(inner_model(x.repeat(len(group), 1, 1, 1), sigma.repeat(len(group)), contexts[rows]))
+            outputs.append(evaluate(plan, inner_model, x.repeat(len(group), 1, 1, 1), sigma.repeat(len(group)),
+                                    contexts[rows]))
         plan.stats["unet_calls"] += 1
         plan.stats["unet_rows"] += len(group)
     return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from .errors import InvalidInput
 from .options import FIELD_BY_NAME, ColorizeOptions
 
-VERSION_LABELS = {"v1": "v1 (mult-*)", "v1.5": "v1.5 (switch-eps)", "v2": "v2 (v2-full)"}
+VERSION_LABELS = {"v1": "v1 (mult-*)", "v1.5": "v1.5 (switch-eps)", "v2": "v2 (v2-full)", "sdxl": "XL sdxl",
+                  "xlv2": "XL xlv2"}
 #: Options that only some versions honour: key -> the versions that do (any other value than the default on
 #: another version is refused, naming the key and the version it needs).
 VERSION_NEEDS = {
@@ -245,6 +246,8 @@ class EnhancePlan:
     hs_bg: Optional[list] = None
     style_modulations: Optional[list] = None
     inputs: Optional[MaskInputs] = None
+    #: xlv2: per image of the batch, the ReferenceNet's banks (:mod:`lib_colorize.enhance_xl`)
+    reference_net_banks: Optional[list] = None
 
     def processors(self) -> list:
         from .processors import SkipWarp, SplitCrossAttention, SplitLoRAHooks, StyleModulation
@@ -259,6 +262,10 @@ class EnhancePlan:
             out.append(SkipWarp(self.modules.warp_modules))
         if self.style_modulations is not None:
             out.append(StyleModulation(self.modules.style_modules))
+        if self.reference_net_banks is not None:
+            from .processors import ReferenceNetBankRead
+
+            out.append(ReferenceNetBankRead())
         return out
 
     def call_fields(self, image: int, window_open: bool) -> dict:
@@ -266,9 +273,15 @@ class EnhancePlan:
         guidance window the context is one zero token and attn2 runs unsplit: the split over a zero context of
         any length gives the same (method-enhance §8.3); mask, ``hs_bg`` and style stay."""
         split = dataclasses.replace(self.split) if self.split is not None and window_open else None
-        return {"mask": self.mask, "mask_threshold": self.mask_threshold, "split": split,
-                "hs_bg": self.hs_bg[image] if self.hs_bg is not None else None,
-                "style_modulations": self.style_modulations[image] if self.style_modulations is not None else None}
+        fields = {"mask": self.mask, "mask_threshold": self.mask_threshold, "split": split,
+                  "hs_bg": self.hs_bg[image] if self.hs_bg is not None else None,
+                  "style_modulations": self.style_modulations[image] if self.style_modulations is not None else None}
+        if self.reference_net_banks is not None:
+            from .processors import ReferenceNetRead
+
+            # every row reads; the attn1 split does not depend on the context (method-xl §6.3)
+            fields["reference_net"] = ReferenceNetRead(self.reference_net_banks[image], self.mask)
+        return fields
 
 
 def prepare_enhance(version: str, options: ColorizeOptions, modules, tokens: torch.Tensor, inputs: MaskInputs, *,

@@ -111,6 +111,40 @@ class GuidanceWindow:
         return reference_window_open(tau, self.start, self.end, self.no_start, self.no_end)
 
 
+#: The XL models' transformer-block groups (method-xl §2.4), in DFS order of the 70 blocks.
+XL_GROUP_BLOCKS: dict[str, tuple[int, ...]] = {
+    "high": tuple(range(0, 4)) + tuple(range(64, 70)),
+    "low": tuple(range(4, 24)) + tuple(range(34, 64)),
+    "bottom": tuple(range(24, 34)),
+    "encoder": tuple(range(0, 24)),
+    "decoder": tuple(range(34, 70)),
+}
+XL_BLOCK_COUNT = 70
+
+
+def xl_cross_attention_scales(version: str, reference_strength: float,
+                              level_scales: Mapping[str, float] | object) -> list[float]:
+    """Per-block cross-attention scales of the XL models (method-xl §5.4, §12 #2-3).
+
+    ``sdxl``: every block ``E·S`` (the middle and low scales are not used). ``xlv2``: all 70 reset to 1, then the
+    encoder blocks 0-23 get ``E·S`` and the low group (4-23, 34-63) ``L·S``, in that order; the bottom (24-33)
+    and high decoder blocks (64-69) stay at 1 (the original leaves them at whatever they were, §12 #3).
+    """
+    def level(name: str) -> float:
+        value = level_scales[name] if isinstance(level_scales, Mapping) else getattr(level_scales, name)
+        return float(value) * float(reference_strength)
+
+    if version == "sdxl":
+        return [level("encoder")] * XL_BLOCK_COUNT
+    if version != "xlv2":
+        raise ValueError(f"not an XL version: {version!r}")
+    scales = [1.0] * XL_BLOCK_COUNT
+    for name, group in (("encoder", "encoder"), ("low", "low")):
+        for block in XL_GROUP_BLOCKS[group]:
+            scales[block] = level(name)
+    return scales
+
+
 def cross_attention_scales(reference_strength: float, level_scales: Mapping[str, float] | object,
                            layer_scales: Optional[Sequence[float]] = None,
                            num_layers: int = 16) -> list[float]:

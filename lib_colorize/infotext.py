@@ -26,7 +26,11 @@ CD merging scale                 with BG, FG or style enhance; ``CD background f
 CD reference mask threshold, CD reference mask extractor   when a reference mask is used (BG enhance, remove ...)
 CD sketch hash, CD reference hash  first 10 hex digits of the SHA-256 of the decoded RGB pixels; also
 CD background hash, CD sketch mask hash, CD reference mask hash, for the images given
+CD sketch strength 1..4, CD sketch rope   XL models only (:func:`options_to_infotext` with ``version``)
 ==============================  ===================================================================
+
+Options the model version does not use (:data:`lib_colorize.options.VERSION_ONLY`) are not written; without a
+version the SD2.1 models' keys are written, and an XL-only option only when it is not at its default.
 
 Options that do not change the image (``return_sketch``, ``return_heatmap``) and images are not written.
 :func:`infotext_to_values` is the inverse; keys that are absent take their defaults, so options that had no
@@ -41,13 +45,14 @@ import re
 from typing import Any, Mapping, Optional
 
 from .errors import InvalidInput
-from .options import (FIELD_BY_NAME, FIELDS, LEVEL_NAMES, ColorizeOptions, FieldSpec, LevelScales,
+from .options import (FIELD_BY_NAME, FIELDS, LEVEL_NAMES, ColorizeOptions, FieldSpec, LevelScales, applies_to,
                       coerce_scalar, parse_layer_scales, parse_level_scales, parse_manipulations)
 
 __all__ = [
     "KEY_ENABLED", "KEY_LEVEL_SCALES", "KEY_LAYER_SCALES", "KEY_MANIPULATIONS", "KEY_SKETCH_HASH",
     "KEY_REFERENCE_HASH", "KEY_BACKGROUND_HASH", "KEY_SKETCH_MASK_HASH", "KEY_REFERENCE_MASK_HASH",
-    "IMAGE_HASH_KEYS", "INFOTEXT_KEYS", "FIELD_BY_INFOTEXT", "CONDITIONAL_FIELDS", "options_to_infotext",
+    "IMAGE_HASH_KEYS", "INFOTEXT_KEYS", "XL_INFOTEXT_KEYS", "ALL_INFOTEXT_KEYS", "FIELD_BY_INFOTEXT",
+    "CONDITIONAL_FIELDS", "options_to_infotext",
     "infotext_to_values", "has_colorize_params", "image_hash", "format_number", "format_parameters_text",
     "parse_parameters_text", "quote", "unquote",
 ]
@@ -68,10 +73,15 @@ IMAGE_HASH_KEYS = {"sketch": KEY_SKETCH_HASH, "reference": KEY_REFERENCE_HASH, "
 #: Scalar options by infotext key (only options that have one in :data:`~lib_colorize.options.FIELDS`).
 FIELD_BY_INFOTEXT: dict[str, FieldSpec] = {spec.infotext: spec for spec in FIELDS if spec.infotext}
 
-#: Every key :func:`options_to_infotext` may write (the webui adapter pops these when disabled).
-INFOTEXT_KEYS: tuple[str, ...] = ((KEY_ENABLED,) + tuple(FIELD_BY_INFOTEXT)
+#: Every key :func:`options_to_infotext` may write for the SD2.1 models.
+INFOTEXT_KEYS: tuple[str, ...] = ((KEY_ENABLED,) + tuple(k for k, spec in FIELD_BY_INFOTEXT.items()
+                                                         if applies_to(spec.name, "v1"))
                                   + (KEY_LEVEL_SCALES, KEY_LAYER_SCALES, KEY_MANIPULATIONS)
                                   + tuple(IMAGE_HASH_KEYS.values()))
+#: The keys only the XL models' infotext has.
+XL_INFOTEXT_KEYS: tuple[str, ...] = tuple(k for k in FIELD_BY_INFOTEXT if k not in INFOTEXT_KEYS)
+#: Every key of any model's infotext (the webui adapter pops these when disabled).
+ALL_INFOTEXT_KEYS: tuple[str, ...] = INFOTEXT_KEYS + XL_INFOTEXT_KEYS
 
 #: Options written only when another option makes them effective: name -> predicate on the options.
 def _uses_reference_mask(o) -> bool:
@@ -154,9 +164,10 @@ def _manipulations_json(groups) -> str:
 
 
 # ---------------------------------------------------------------------------------- options -> infotext
-def options_to_infotext(options: ColorizeOptions) -> dict[str, Any]:
+def options_to_infotext(options: ColorizeOptions, version: Optional[str] = None) -> dict[str, Any]:
     """The ``"CD ..."`` parameters of a colorization (empty when it is disabled); see the module table.
 
+    ``version``: the model's (``v1`` ... ``xlv2``); options it does not use are left out (default: SD2.1).
     Values are ``bool``, ``float`` or ``str``; the webui (and :func:`format_parameters_text`) quote them.
     """
     if not options.enabled:
@@ -164,6 +175,9 @@ def options_to_infotext(options: ColorizeOptions) -> dict[str, Any]:
     out: dict[str, Any] = {KEY_ENABLED: True}
     for spec in FIELDS:
         if not spec.infotext:
+            continue
+        if not applies_to(spec.name, version or "v1") and (version is not None
+                                                          or getattr(options, spec.name) == spec.default):
             continue
         condition = CONDITIONAL_FIELDS.get(spec.name)
         if condition is not None and not condition(options):
@@ -173,9 +187,9 @@ def options_to_infotext(options: ColorizeOptions) -> dict[str, Any]:
         if spec.name == "reference_strength":
             levels = options.level_scales
             out[KEY_LEVEL_SCALES] = "/".join(format_number(getattr(levels, n)) for n in LEVEL_NAMES)
-            if options.layer_scales is not None:
+            if options.layer_scales is not None and applies_to("layer_scales", version or "v1"):
                 out[KEY_LAYER_SCALES] = ",".join(format_number(v) for v in options.layer_scales)
-    if options.active_manipulations:
+    if options.active_manipulations and applies_to("manipulations", version or "v1"):
         out[KEY_MANIPULATIONS] = _manipulations_json(options.active_manipulations)
     for name, key in IMAGE_HASH_KEYS.items():
         digest = image_hash(getattr(options, name))
@@ -187,7 +201,7 @@ def options_to_infotext(options: ColorizeOptions) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- infotext -> values
 def has_colorize_params(params: Mapping[str, Any]) -> bool:
     """Whether a parsed infotext carries any ColorizeDiffusion key."""
-    return any(isinstance(k, str) and k.startswith("CD ") and k in INFOTEXT_KEYS for k in params)
+    return any(isinstance(k, str) and k.startswith("CD ") and k in ALL_INFOTEXT_KEYS for k in params)
 
 
 def _text(value: Any) -> Any:

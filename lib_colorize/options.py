@@ -52,7 +52,16 @@ sketch_mask, reference_mask   user masks instead of extraction: :func:`lib_color
 remove_foreground             :func:`lib_colorize.enhance.prepare_mask_inputs` (the background image)
 remove_background             :func:`lib_colorize.enhance.remove_background` (after decoding)
 return_masks                  extra output images (the masks used): ``Colorizer.colorize``, ``cd_webui``
+sketch_strength_1..4 (XL)     :func:`lib_colorize.conditioning.encode_sketch_hints` (``a_k = k_ctl · s_k``,
+                              method-xl §2.3)
+sketch_rope (XL)              the XL sketch encoder's rotary positions
+                              (:class:`lib_colorize.models.sketch_encoder_xl.SketchEncoderXL`)
 ============================  ==========================================================================
+
+Some options only exist for some models (:data:`VERSION_ONLY`): the XL models have no text manipulation, no
+per-layer scales and no middle (sdxl: no low) level scale (method-xl §5.4, §5.7); the SD2.1 models have no
+per-level sketch strengths. A non-default value of an option the loaded model does not use is refused
+(:meth:`ColorizeOptions.check_version`); the UI hides them.
 """
 from __future__ import annotations
 
@@ -62,6 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import InvalidInput
+from .family import SD21_VERSIONS, XL_VERSIONS
 
 SKETCH_MODES = ("none", "invert", "extract")
 LINE_EXTRACTORS = ("lineart_keras", "lineart", "lineart_denoise", "lineart_standard")
@@ -73,6 +83,9 @@ MAX_PROMPT_CHARS = 1000
 DEFAULT_MAX_IMAGE_SIDE = 4096
 #: (minimum, maximum, step) of every cross-attention scale: level scales and the 16 layer scales (method §4.3).
 SCALE_RANGE = (0.0, 1.0, 0.05)
+#: The XL sketch encoder's rotary-position forms (method-xl §4, §12 #17); the default is the original app's.
+SKETCH_ROPE_MODES = ("cos", "rotation")
+SKETCH_LEVEL_FIELDS = tuple(f"sketch_strength_{k}" for k in range(1, 5))
 
 
 @dataclass(frozen=True)
@@ -166,7 +179,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     _spec("bg_enhance", bool, False, "BG enhance (mask guided)",
           "Separates character and background with masks: the character follows the reference, the background "
           "follows the reference's background (or the background image). v1 training-free; v1.5 with its "
-          "background LoRA and tokens; v2 also warps the background encoder's features in.",
+          "background LoRA and tokens; v2 also warps the background encoder's features in. On the XL models "
+          "this is the authors' 'Low-level injection' (xlv2 adds its background LoRA and ReferenceNet).",
           infotext="CD BG enhance"),
     _spec("fg_enhance", bool, False, "FG enhance (mask guided)",
           "v1.5 and v2: mask-guided split attention for the character only (its authors call it of little use "
@@ -201,6 +215,15 @@ FIELDS: tuple[FieldSpec, ...] = (
           infotext="CD remove background"),
     _spec("return_masks", bool, False, "Show masks",
           "Add the sketch and reference masks the model used to the outputs."),
+    # ---------------------------------------------------------------- XL models only (method-xl §2.3, §4)
+    *(_spec(name, float, 1.0, f"Sketch strength {k}",
+            f"XL: multiplies the sketch encoder's level-{k} features (level 1 is the finest), on top of the "
+            "sketch strength.", 0.0, 3.0, 0.05, infotext=f"CD sketch strength {k}")
+      for k, name in enumerate(SKETCH_LEVEL_FIELDS, start=1)),
+    _spec("sketch_rope", str, "cos", "Sketch encoder positions",
+          "XL: the sketch encoder's rotary positions. cos is what the authors' app computes (its fp16 cast "
+          "keeps only the cosine of the rotation); rotation is the full rotation the encoder was presumably "
+          "trained with.", choices=SKETCH_ROPE_MODES, infotext="CD sketch rope"),
 )
 
 FIELD_BY_NAME: dict[str, FieldSpec] = {f.name: f for f in FIELDS}
@@ -307,6 +330,11 @@ class ColorizeOptions:
     background: Any = None
     sketch_mask: Any = None
     reference_mask: Any = None
+    sketch_strength_1: float = 1.0
+    sketch_strength_2: float = 1.0
+    sketch_strength_3: float = 1.0
+    sketch_strength_4: float = 1.0
+    sketch_rope: str = "cos"
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -378,6 +406,24 @@ class ColorizeOptions:
         """Any enhance mode (style, BG or FG)."""
         return self.style_enhance or self.mask_guided
 
+    def check_version(self, version: str) -> None:
+        """Refuse options that the model ``version`` does not use (see :data:`VERSION_ONLY`), when they are not
+        at their defaults: an :class:`InvalidInput` naming the option and the models it applies to."""
+        if not self.enabled:
+            return
+        for name, versions in VERSION_ONLY.items():
+            if version in versions:
+                continue
+            value, default = _option_value(self, name), _option_default(name)
+            if value != default:
+                raise InvalidInput(name, f"applies to {_version_names(versions)} models only; the loaded model is "
+                                         f"{version} (leave it at {default!r})")
+
+    @property
+    def sketch_level_strengths(self) -> tuple:
+        """(s₁, s₂, s₃, s₄) of the XL sketch encoder's four levels."""
+        return tuple(getattr(self, name) for name in SKETCH_LEVEL_FIELDS)
+
     def replace(self, **changes: Any) -> "ColorizeOptions":
         return dataclasses.replace(self, **changes)
 
@@ -398,6 +444,37 @@ class ColorizeOptions:
             for name in IMAGE_FIELDS:
                 out[name] = getattr(self, name)
         return out
+
+
+# ---------------------------------------------------------------------- options per model version
+_SD21, _XL = SD21_VERSIONS, XL_VERSIONS
+
+#: Options (or ``level_scales.<level>``) that only some model versions use; every other option applies to all.
+VERSION_ONLY: dict[str, tuple[str, ...]] = {
+    "layer_scales": _SD21, "manipulations": _SD21, "return_heatmap": _SD21,
+    "level_scales.middle": _SD21, "level_scales.low": _SD21 + ("xlv2",),
+    **{name: _XL for name in SKETCH_LEVEL_FIELDS}, "sketch_rope": _XL,
+}
+
+
+def applies_to(name: str, version: Optional[str]) -> bool:
+    """Whether option ``name`` does something on model ``version`` (None: unknown, everything shown)."""
+    return version is None or version in VERSION_ONLY.get(name, (version,))
+
+
+def _option_value(options: "ColorizeOptions", name: str) -> Any:
+    if name.startswith("level_scales."):
+        return getattr(options.level_scales, name.split(".", 1)[1])
+    return getattr(options, name)
+
+
+def _option_default(name: str) -> Any:
+    return _option_value(ColorizeOptions(), name)
+
+
+def _version_names(versions: Sequence[str]) -> str:
+    return "SD2.1-based (v1, v1.5, v2)" if tuple(versions) == _SD21 else \
+        "XL (sdxl, xlv2)" if tuple(versions) == _XL else ", ".join(versions)
 
 
 # ---------------------------------------------------------------------- field parsers

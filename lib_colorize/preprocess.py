@@ -22,7 +22,7 @@ from .options import SKETCH_MODES
 __all__ = [
     "image_to_tensor", "tensor_to_images", "check_resolution", "round_to_multiple_of_64", "default_size_for",
     "prepare_sketch", "pad_image", "pad_reference_with_margin", "crop_to_box", "reference_for_injection",
-    "RESOLUTION_MULTIPLE",
+    "RESOLUTION_MULTIPLE", "autofit_size",
 ]
 
 #: Output sides must be multiples of this (latent side divisible by 8: three U-Net downsamplings; §8.4).
@@ -60,17 +60,36 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 
 
 # ------------------------------------------------------------------------------------- resolution (§8.4)
-def check_resolution(width: int, height: int) -> None:
-    """Raise :class:`InvalidInput` (field ``width``/``height``) unless both are multiples of 64 and >= 64."""
+def check_resolution(width: int, height: int, multiple: int = RESOLUTION_MULTIPLE) -> None:
+    """Raise :class:`InvalidInput` (field ``width``/``height``) unless both are multiples of ``multiple`` (64;
+    the XL models: 32, method-xl §7.2) and at least that."""
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
                 isinstance(value, float) and value.is_integer()):
             raise InvalidInput(name, f"expected a whole number of pixels, got {value!r}")
         value = int(value)
-        if value < RESOLUTION_MULTIPLE or value % RESOLUTION_MULTIPLE:
-            nearest = max(RESOLUTION_MULTIPLE, int(round(value / RESOLUTION_MULTIPLE)) * RESOLUTION_MULTIPLE)
-            raise InvalidInput(name, f"{value} px is not a multiple of {RESOLUTION_MULTIPLE} (at least "
-                                     f"{RESOLUTION_MULTIPLE}); try {nearest}")
+        if value < multiple or value % multiple:
+            nearest = max(multiple, int(round(value / multiple)) * multiple)
+            raise InvalidInput(name, f"{value} px is not a multiple of {multiple} (at least {multiple}); try "
+                                     f"{nearest}")
+
+
+def autofit_size(sketch_size: tuple[int, int], area: int = 1024 * 1024, multiple: int = 32,
+                 limits: tuple[int, int] = (768, 1536)) -> tuple[int, int]:
+    """The XL app's "Autofit size" (method-xl §7.2): ``(W, H)`` for a sketch of PIL size ``(w0, h0)``.
+
+    ``a = w0 / h0``; ``h' = ⌊√(area / a)⌋``, ``w' = ⌊h' a⌋``; each rounded to the nearest multiple of 32
+    (``⌊(v + 16) / 32⌋ · 32``) and clamped to [768, 1536] on its own (extreme aspect ratios lose their ratio).
+    """
+    w0, h0 = (int(v) for v in sketch_size)
+    if w0 < 1 or h0 < 1:
+        raise InvalidInput("sketch", f"image is empty ({w0}x{h0} px)")
+    aspect = w0 / h0
+    height = int((area / aspect) ** 0.5)
+    width = int(height * aspect)
+    lo, hi = limits
+    fit = [max(lo, min(hi, (v + multiple // 2) // multiple * multiple)) for v in (width, height)]
+    return fit[0], fit[1]
 
 
 def round_to_multiple_of_64(width: float, height: float) -> tuple[int, int]:
@@ -121,8 +140,12 @@ def pad_image(image: torch.Tensor, height: int, width: int) -> tuple[torch.Tenso
     return canvas, (left, top, w, h)
 
 
+#: The XL app runs its line extractors at this size (method-xl §7.2).
+XL_EXTRACTOR_SIZE = 768
+
+
 def prepare_sketch(sketch: Optional[Image.Image], mode: str, size: tuple[int, int],
-                   extractor: Optional[Extractor] = None) -> tuple[torch.Tensor, Box]:
+                   extractor: Optional[Extractor] = None, xl: bool = False) -> tuple[torch.Tensor, Box]:
     """Sketch -> ``(1, 3, H, W)`` tensor in the sketch domain and the box it occupies (method §8.2).
 
     ``size`` is ``(H, W)``. For a sketch of PIL size ``(w0, h0)`` and ``r = min(H / h0, W / w0)``:
@@ -135,6 +158,10 @@ def prepare_sketch(sketch: Optional[Image.Image], mode: str, size: tuple[int, in
     then torchvision ``Resize((int(h0 r), int(w0 r)))`` on the tensor (bicubic, antialias, not clamped) and
     :func:`pad_image` into a -1 canvas. The box ``(left, top, w', h')`` is what "Crop result" crops back to.
     No sketch gives an all -1 canvas and the full box ``(0, 0, W, H)``.
+
+    ``xl``: the XL app's way (method-xl §7.2): ``none``/``invert`` resize the PIL image (bicubic, antialias) and
+    paste it centred on a white PIL canvas before the tensor (negated for ``invert``, so the canvas becomes the -1
+    background; with ``none`` it stays +1, as in the app); ``extract`` runs the extractor at 768².
     """
     height, width = (int(s) for s in size)
     if mode not in SKETCH_MODES:
@@ -144,6 +171,14 @@ def prepare_sketch(sketch: Optional[Image.Image], mode: str, size: tuple[int, in
     sketch = decode_image(sketch, "sketch")
     w0, h0 = sketch.size
     r = min(height / h0, width / w0)
+    fitted = (int(h0 * r), int(w0 * r))
+    if xl and mode != "extract":
+        resized = _resize(fitted)(sketch)
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        left, top = (width - resized.width) // 2, (height - resized.height) // 2
+        canvas.paste(resized, (left, top))
+        x = image_to_tensor(canvas)
+        return (-x if mode == "invert" else x), (left, top, resized.width, resized.height)
     if mode == "none":
         x = image_to_tensor(sketch)
     elif mode == "invert":
@@ -151,12 +186,12 @@ def prepare_sketch(sketch: Optional[Image.Image], mode: str, size: tuple[int, in
     else:
         if extractor is None:
             raise ValueError("sketch_mode 'extract' needs a line extractor callable")
-        side = max(height, width)
+        side = XL_EXTRACTOR_SIZE if xl else max(height, width)
         x = extractor(_resize((side, side))(sketch), side)
         if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
             raise ValueError(f"line extractor returned {tuple(x.shape)}; expected (1, 3, {side}, {side})")
         x = x.float()
-    x = _resize((int(h0 * r), int(w0 * r)))(x)
+    x = _resize(fitted)(x)
     return pad_image(x, height, width)
 
 

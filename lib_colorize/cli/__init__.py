@@ -77,12 +77,12 @@ def resolve_device_dtype(device: Optional[str], dtype: Optional[str]):
 
 
 def parameters_text(options: ColorizeOptions, sampling, seed: int, width: int, height: int,
-                    checkpoint_name: str) -> str:
+                    checkpoint_name: str, version: Optional[str] = None) -> str:
     from ..infotext import format_parameters_text, options_to_infotext
 
     params = {"Steps": sampling.steps, "Sampler": sampling.sampler, "Schedule type": sampling.schedule,
               "Seed": seed, "Size": f"{width}x{height}", "Model": checkpoint_name}
-    params.update(options_to_infotext(options))
+    params.update(options_to_infotext(options, version))
     return format_parameters_text("", params)
 
 
@@ -166,9 +166,11 @@ def _plan(args: argparse.Namespace, probe: ColorizeOptions, batch_size: int, inp
     return pages, folder_run
 
 
-def _weights(args, root, arch: str, probe: ColorizeOptions, console: Console):
-    """(checkpoint path, OpenCLIP weights path): found or downloaded, and checked to fit together, before loading.
-    The line extractor's weights are fetched too when the sketch mode needs them."""
+def _weights(args, root, arch: str, probe: ColorizeOptions, sampling, console: Console):
+    """(checkpoint path, OpenCLIP weights path, checkpoint info): found or downloaded, and checked to fit together
+    and to the options, before loading. The line extractor's weights are fetched too when the sketch mode needs
+    them. XL checkpoints take no OpenCLIP file: their reference encoders' files are found (or downloaded) by
+    :meth:`lib_colorize.pipeline.Colorizer.from_xl_files` before anything is loaded."""
     from .. import weights
     from ..checkpoint import inspect_checkpoint
     from ..extractors import get_spec, weights_path
@@ -180,11 +182,15 @@ def _weights(args, root, arch: str, probe: ColorizeOptions, console: Console):
     info = inspect_checkpoint(checkpoint)   # the key table only: an unusable file is refused before loading
     from ..enhance import check_version
 
+    probe.check_version(info.version)    # options of another model family are refused before loading
     check_version(probe, info.version)   # a mode the checkpoint's version lacks is refused before loading
-    clip_path = resolve_clip_weights(arch, args.clip_weights, models_dir=root.folder(weights.EXTENSION_FOLDER),
-                                     allow_download=allow, progress=progress)
+    sampling.check(info.family.size_multiple)
+    clip_path = None
+    if not info.family.is_xl:
+        clip_path = resolve_clip_weights(arch, args.clip_weights, models_dir=root.folder(weights.EXTENSION_FOLDER),
+                                         allow_download=allow, progress=progress)
     width = output_width(arch)
-    if info.context_dim is not None and info.context_dim != width:
+    if not info.family.is_xl and info.context_dim is not None and info.context_dim != width:
         raise InvalidInput("clip_arch", f"the checkpoint {checkpoint.name} takes reference tokens "
                                         f"{info.context_dim} wide, but OpenCLIP {arch} gives tokens {width} wide; "
                                         "pass the --clip-arch it was trained with (the released checkpoints: "
@@ -192,7 +198,7 @@ def _weights(args, root, arch: str, probe: ColorizeOptions, console: Console):
     if not args.visualize and probe.sketch_mode == "extract" and get_spec(probe.line_extractor).needs_weights:
         weights_path(probe.line_extractor, root.folder(weights.EXTENSION_FOLDER), allow_download=allow,
                      progress=progress)
-    return checkpoint, clip_path
+    return checkpoint, clip_path, info
 
 
 def run(args: argparse.Namespace, out=None, err=None) -> int:
@@ -215,7 +221,7 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
             values[name] = load_image_file(getattr(args, name), name)
     probe = ColorizeOptions.from_dict(values, require_sketch=False)   # every option checked before loading
     sampling = sampling_from_args(args, base_sampling)
-    sampling.check()
+    sampling.check(size_multiple=32)   # the finest any model family allows; the checkpoint's own rule follows
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     inputs = [Path(args.reference)] + ([Path(args.from_infotext)] if args.from_infotext else []) + \
         [Path(getattr(args, name)) for name in ("background", "sketch_mask", "reference_mask") if getattr(args, name)]
@@ -234,13 +240,13 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
 
         check_prompt_tokens(probe, count_tokens)
     root = models_root(args.models_dir)
-    checkpoint_path, clip_path = _weights(args, root, arch, probe, console)
+    checkpoint_path, clip_path, info = _weights(args, root, arch, probe, sampling, console)
 
     from ..pipeline import Colorizer
 
     colorizer = Colorizer.from_files(checkpoint_path, clip_arch=arch, clip_weights=clip_path,
                                      models_dir=root.folder(EXTENSION_FOLDER), device=device, dtype=dtype,
-                                     allow_download=not args.offline)
+                                     allow_download=not args.offline, encode_first=(probe,))
     if args.visualize:
         target = pages[0].images[0]
         try:
@@ -249,10 +255,11 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
             raise InvalidInput("out", str(error)) from None
         console.result(f"wrote {target}")
         return 0
-    return _colorize_pages(colorizer, probe, sampling, pages, todo, failures, Path(checkpoint_path).stem, console)
+    return _colorize_pages(colorizer, probe, sampling, pages, todo, failures, Path(checkpoint_path).stem,
+                           info.version, console)
 
 
-def _colorize_pages(colorizer, probe, sampling, pages, todo, failures, checkpoint_name, console) -> int:
+def _colorize_pages(colorizer, probe, sampling, pages, todo, failures, checkpoint_name, version, console) -> int:
     from ..images import load_image_file
 
     done = 0
@@ -269,7 +276,7 @@ def _colorize_pages(colorizer, probe, sampling, pages, todo, failures, checkpoin
             written = []
             for i, (image, target) in enumerate(zip(result.images, page.images)):
                 text = parameters_text(options, sampling, result.seed + i, result.width, result.height,
-                                       checkpoint_name)
+                                       checkpoint_name, version)
                 save_png(image, target, text)
                 written.append(target)
             made = [("sketch", result.sketch), ("heatmap", result.heatmap)]

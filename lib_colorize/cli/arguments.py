@@ -79,11 +79,15 @@ def build_parser(root: ModelsRoot) -> argparse.ArgumentParser:
                                                            "(default Automatic: the sampler's own, as in the webui)")
     sampling.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
     sampling.add_argument("--seed", type=int, default=None, help="seed; -1 random (default)")
-    sampling.add_argument("--width", type=int, default=None, help="multiple of 64; given alone, the height keeps "
-                                                                   "the sketch's aspect ratio (default: the aspect "
-                                                                   "ratio at the model's native size)")
-    sampling.add_argument("--height", type=int, default=None, help="multiple of 64; given alone, the width keeps "
-                                                                    "the sketch's aspect ratio")
+    sampling.add_argument("--width", type=int, default=None, help="multiple of 64 (XL: 32); given alone, the "
+                                                                   "height keeps the sketch's aspect ratio (default: "
+                                                                   "the aspect ratio at the model's native size; "
+                                                                   "XL: --autofit)")
+    sampling.add_argument("--height", type=int, default=None, help="multiple of 64 (XL: 32); given alone, the width "
+                                                                    "keeps the sketch's aspect ratio")
+    sampling.add_argument("--autofit", action=argparse.BooleanOptionalAction, default=None,
+                          help="XL models: size from the sketch by the XL app's rule (about 1024², multiples of "
+                               "32, each side in 768..1536); on by default for XL, --no-autofit gives 1024x1024")
     sampling.add_argument("--batch-size", type=int, default=None,
                           help="images per sketch (default 1); with N > 1 the outputs are <name>-0.png .. "
                                "<name>-(N-1).png, with seeds seed .. seed+N-1")
@@ -125,7 +129,7 @@ def sampling_from_args(args: argparse.Namespace, base: Optional[dict] = None):
 
     base = base or {}
     sampling = SamplingOptions(**{k: v for k, v in base.items() if k in SamplingOptions.__dataclass_fields__})
-    for name in ("sampler", "schedule", "steps", "seed", "width", "height", "batch_size"):
+    for name in ("sampler", "schedule", "steps", "seed", "width", "height", "batch_size", "autofit"):
         if getattr(args, name) is not None:
             setattr(sampling, name, getattr(args, name))
     return sampling

@@ -50,7 +50,37 @@ def conv1x1(channels: int) -> nn.Conv2d:
     return nn.Conv2d(channels, channels, 1, padding=0)
 
 
-class SketchEncoder(nn.Module):
+def sketch_stem(in_channels: int, stem_channels: Sequence[int]) -> nn.Sequential:
+    """``model``: eight conv3x3 with SiLU between them, stride 2 at ``model.4/8/12`` (f = 8), no activation after
+    the last (method §3; the XL encoder's stem is the same, method-xl §4 step 1)."""
+    layers: List[nn.Module] = []
+    c_prev = in_channels
+    for n, (index, c_out) in enumerate(zip(STEM_CONV_INDICES, stem_channels)):
+        if n:
+            layers.append(nn.SiLU())
+        layers.append(conv3x3(c_prev, c_out, stride=2 if index in STEM_STRIDE2_INDICES else 1))
+        c_prev = c_out
+    return nn.Sequential(*layers)
+
+
+class _LoadsFromStateDict(nn.Module):
+    """``from_state_dict`` (widths inferred by ``config_class``, tensors' dtype kept) and ``dtype``."""
+
+    config_class: type = None
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], strict: bool = True, **kwargs):
+        """Build with widths inferred from ``state_dict`` and load it (keeps the tensors' dtype)."""
+        model = cls(cls.config_class.from_state_dict(state_dict), **kwargs)
+        model.load_state_dict(state_dict, strict=strict)
+        return model.to(state_dict["model.0.weight"].dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model[0].weight.dtype
+
+
+class SketchEncoder(_LoadsFromStateDict):
     """Sketch (B, 3, H, W) in the sketch domain -> five hints (method §3), with h = H/8, w = W/8:
 
     (B, c0_stem_out, h, w), (B, c0, h/2, w/2), (B, c1, h/4, w/4), (B, c2, h/8, w/8), (B, c3, h/8, w/8)
@@ -61,14 +91,8 @@ class SketchEncoder(nn.Module):
         super().__init__()
         config = SketchEncoderConfig() if config is None else config
         self.config = config
-        layers: List[nn.Module] = []
-        c_prev = config.in_channels
-        for n, (index, c_out) in enumerate(zip(STEM_CONV_INDICES, config.stem_channels)):
-            if n:
-                layers.append(nn.SiLU())
-            layers.append(conv3x3(c_prev, c_out, stride=2 if index in STEM_STRIDE2_INDICES else 1))
-            c_prev = c_out
-        self.model = nn.Sequential(*layers)
+        self.model = sketch_stem(config.in_channels, config.stem_channels)
+        c_prev = config.stem_channels[-1]
         self.zero_layer = nn.Sequential(conv1x1(c_prev))
 
         last = len(config.hint_channels) - 1
@@ -81,17 +105,6 @@ class SketchEncoder(nn.Module):
             self.zero_blocks.append(nn.Sequential(conv1x1(c)))
             c_prev = c
 
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> "SketchEncoder":
-        """Build with widths inferred from ``state_dict`` and load it (keeps the tensors' dtype)."""
-        model = cls(SketchEncoderConfig.from_state_dict(state_dict))
-        model.load_state_dict(state_dict, strict=strict)
-        return model.to(state_dict["model.0.weight"].dtype)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model[0].weight.dtype
-
     def forward(self, sketch: torch.Tensor) -> List[torch.Tensor]:
         x = self.model(sketch.to(self.dtype))
         hints = [self.zero_layer(x)]
@@ -99,3 +112,6 @@ class SketchEncoder(nn.Module):
             x = block(x)
             hints.append(zero_conv(x))
         return hints
+
+
+SketchEncoder.config_class = SketchEncoderConfig

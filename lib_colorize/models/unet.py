@@ -1,18 +1,22 @@
-"""SD-2.x-layout U-Net with ldm module names (method §1.1, §3, §4).
+"""SD-2.x- and SDXL-layout U-Nets with ldm/sgm module names (method §1.1, §3, §4; method-xl §1.5, §2).
 
 The module tree reproduces ldm's ``openaimodel.UNetModel`` naming exactly, so the released
 ``model.diffusion_model.*`` tensors (prefix stripped) load with ``strict=True``:
 
-* ``time_embed.{0,2}``; ``input_blocks.N``; ``middle_block.{0,1,2}``; ``output_blocks.N``; ``out.{0,2}``
+* ``time_embed.{0,2}``; ``label_emb.0.{0,2}`` (XL: the ``y`` embedding); ``input_blocks.N``;
+  ``middle_block.{0,1,2}``; ``output_blocks.N``; ``out.{0,2}``
 * ResBlock: ``in_layers.{0,2}``, ``emb_layers.1``, ``out_layers.{0,3}``, ``skip_connection``
-* SpatialTransformer: ``norm``, ``proj_in``, ``transformer_blocks.0``, ``proj_out``
-* BasicTransformerBlock: ``attn1``, ``attn2``, ``ff.net.0.proj``, ``ff.net.2``, ``norm1/2/3``
+* SpatialTransformer: ``norm``, ``proj_in``, ``transformer_blocks.{0..depth-1}``, ``proj_out``
+* BasicTransformerBlock: ``attn1``, ``attn2``, ``ff.net.0.proj``, ``ff.net.2``, ``norm1/2/3`` (no ``attn2``/``norm2``
+  in xlv2's ReferenceNet, method-xl §6.2)
 * CrossAttention: ``to_q``, ``to_k``, ``to_v``, ``to_out.0``
 * Downsample ``op``; Upsample ``conv``
 
 The released models use 1x1-conv ``proj_in``/``proj_out`` (method §1.1, "difference from SD2.1"); Linear
-projections (SD 2.x ``use_linear_in_transformer``) are supported too. Dimensions are inferred from the weights
-(:meth:`UNetConfig.from_state_dict`).
+projections (SD 2.x ``use_linear_in_transformer``, SDXL) are supported too. The SDXL layout (method-xl §2.1) is
+the same tree with three levels, attention on levels 1-2 with depths 2 and 10 (middle 10) and a ``label_emb`` for the
+512-wide ``y``; xlv2's ReferenceNet is that tree without cross-attention, with 7 output blocks and no ``out``.
+Dimensions are inferred from the weights (:meth:`UNetConfig.from_state_dict`).
 
 Contract relied on by the processors of :mod:`lib_colorize.processors` (method §3, §4.2, §6):
 
@@ -126,21 +130,26 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention, GEGLU FF; pre-LayerNorm residuals (method §4.2).
 
-    forward(x (B, N, dim), context (B, M, context_dim)) -> (B, N, dim).
+    forward(x (B, N, dim), context (B, M, context_dim)) -> (B, N, dim). ``cross_attention=False`` (xlv2's
+    ReferenceNet, method-xl §6.2): no ``attn2``/``norm2``, the context is ignored.
     """
 
-    def __init__(self, dim: int, n_heads: int, d_head: int, context_dim: Optional[int] = None):
+    def __init__(self, dim: int, n_heads: int, d_head: int, context_dim: Optional[int] = None,
+                 cross_attention: bool = True):
         super().__init__()
         self.attn1 = CrossAttention(dim, None, heads=n_heads, dim_head=d_head)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads=n_heads, dim_head=d_head)
+        if cross_attention:
+            self.attn2 = CrossAttention(dim, context_dim, heads=n_heads, dim_head=d_head)
         self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
+        if cross_attention:
+            self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), context=None)
-        x = x + self.attn2(self.norm2(x), context=context)
+        if hasattr(self, "attn2"):
+            x = x + self.attn2(self.norm2(x), context=context)
         x = x + self.ff(self.norm3(x))
         return x
 
@@ -154,7 +163,7 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, n_heads: int, d_head: int, depth: int = 1,
-                 context_dim: Optional[int] = None, use_linear: bool = False):
+                 context_dim: Optional[int] = None, use_linear: bool = False, cross_attention: bool = True):
         super().__init__()
         inner_dim = n_heads * d_head
         self.use_linear = use_linear
@@ -166,7 +175,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner_dim, kernel_size=1)
             self.proj_out = nn.Conv2d(inner_dim, channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim=context_dim) for _ in range(depth)]
+            [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim=context_dim,
+                                   cross_attention=cross_attention) for _ in range(depth)]
         )
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -264,14 +274,20 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 _INPUT_BLOCK = re.compile(r"^input_blocks\.(\d+)\.")
+_OUTPUT_BLOCK = re.compile(r"^output_blocks\.(\d+)\.")
 
 
 @dataclass
 class UNetConfig:
-    """Dimensions of an SD-2.x-layout U-Net (method §1.1). Defaults = released ColorizeDiffusion U-Net.
+    """Dimensions of an SD-2.x- or SDXL-layout U-Net (method §1.1, method-xl §2.1). Defaults = released
+    ColorizeDiffusion (v1) U-Net; :data:`SDXL_UNET` is the XL one.
 
     ``attention_levels``: indices of channel_mult levels whose blocks carry a SpatialTransformer (SD2: ds 1, 2, 4
-    = ``attention_resolutions [4,2,1]`` -> levels 0, 1, 2). The middle block always has one.
+    = ``attention_resolutions [4,2,1]`` -> levels 0, 1, 2; SDXL: levels 1, 2). The middle block always has one.
+    ``transformer_depth``: blocks per SpatialTransformer, one number or one per level (SDXL ``[1, 2, 10]``);
+    ``middle_depth``: the middle block's (default: the last level's). ``adm_in_channels``: width of ``y`` for
+    ``label_emb`` (None: no ``label_emb``). ``cross_attention=False``, ``num_output_blocks`` and
+    ``final_layer=False`` describe xlv2's ReferenceNet (method-xl §6.2).
     """
 
     in_channels: int = 4
@@ -281,13 +297,29 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: Sequence[int] = (0, 1, 2)
     context_dim: int = 1024
-    transformer_depth: int = 1
+    transformer_depth: "int | Sequence[int]" = 1
     use_linear_proj: bool = False
     head_channels: int = HEAD_CHANNELS
+    middle_depth: Optional[int] = None
+    adm_in_channels: Optional[int] = None
+    cross_attention: bool = True
+    num_output_blocks: Optional[int] = None
+    final_layer: bool = True
 
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
+
+    def depth_at(self, level: int) -> int:
+        """SpatialTransformer depth of the input/output blocks of ``level``."""
+        depth = self.transformer_depth
+        return int(depth) if isinstance(depth, int) else int(depth[level])
+
+    @property
+    def middle_transformer_depth(self) -> int:
+        if self.middle_depth is not None:
+            return int(self.middle_depth)
+        return self.depth_at(len(self.channel_mult) - 1)
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "UNetConfig":
@@ -304,6 +336,7 @@ class UNetConfig:
         block_ids = sorted({int(m.group(1)) for k in sd for m in [_INPUT_BLOCK.match(k)] if m})
         levels: list = [[]]  # per level: output channels of its ResBlocks
         attention_levels = set()
+        depths: dict = {}  # level -> transformer depth of its first attention block
         for idx in block_ids:
             if idx == 0:
                 continue
@@ -314,6 +347,7 @@ class UNetConfig:
             levels[-1].append(int(sd[prefix + "0.out_layers.3.weight"].shape[0]))
             if prefix + "1.norm.weight" in sd:
                 attention_levels.add(len(levels) - 1)
+                depths.setdefault(len(levels) - 1, _depth_of(sd, prefix + "1."))
         if not levels[0] or any(len(lv) != len(levels[0]) for lv in levels):
             raise ValueError("input blocks do not form an SD U-Net layout (unequal ResBlocks per level)")
         channel_mult = []
@@ -329,9 +363,16 @@ class UNetConfig:
             raise KeyError("middle_block.1.proj_in.weight")
         proj_in = sd[f"{transformer}.proj_in.weight"]
         use_linear = proj_in.dim() == 2 if hasattr(proj_in, "dim") else len(proj_in.shape) == 2
-        context_dim = int(sd[f"{transformer}.transformer_blocks.0.attn2.to_k.weight"].shape[1])
-        depth_ids = {int(k[len(transformer):].split(".")[2]) for k in sd
-                     if k.startswith(f"{transformer}.transformer_blocks.")}
+        cross_key = f"{transformer}.transformer_blocks.0.attn2.to_k.weight"
+        cross_attention = cross_key in sd
+        context_dim = int(sd[cross_key].shape[1]) if cross_attention else None
+        middle_depth = _depth_of(sd, f"{transformer}.")
+        per_level = tuple(depths.get(level, 1) for level in range(len(channel_mult)))
+        uniform = len(set(depths.values()) | {middle_depth}) == 1
+        label = sd.get("label_emb.0.0.weight")
+        output_ids = {int(m.group(1)) for k in sd for m in [_OUTPUT_BLOCK.match(k)] if m}
+        full_outputs = len(channel_mult) * (len(levels[0]) + 1)
+        num_outputs = max(output_ids) + 1 if output_ids else 0
         return cls(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -340,9 +381,25 @@ class UNetConfig:
             num_res_blocks=len(levels[0]),
             attention_levels=tuple(sorted(attention_levels)),
             context_dim=context_dim,
-            transformer_depth=max(depth_ids) + 1,
+            transformer_depth=middle_depth if uniform else per_level,
             use_linear_proj=bool(use_linear),
+            middle_depth=None if uniform else middle_depth,
+            adm_in_channels=int(label.shape[1]) if label is not None else None,
+            cross_attention=cross_attention,
+            num_output_blocks=None if num_outputs == full_outputs else num_outputs,
+            final_layer=any(k.startswith("out.") for k in sd),
         )
+
+
+def _depth_of(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of ``transformer_blocks`` of the SpatialTransformer at ``prefix`` (e.g. ``middle_block.1.``)."""
+    start = prefix + "transformer_blocks."
+    return max(int(k[len(start):].split(".")[0]) for k in sd if k.startswith(start)) + 1
+
+
+#: The SDXL U-Net of ColorizeDiffusion XL (method-xl §1.1: SDXL base with ``adm_in_channels 512``).
+SDXL_UNET = UNetConfig(model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2),
+                       context_dim=2048, transformer_depth=(1, 2, 10), use_linear_proj=True, adm_in_channels=512)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -356,11 +413,12 @@ def time_embedding(config: UNetConfig) -> nn.Sequential:
 
 
 def transformer_factory(config: UNetConfig):
-    """``channels -> SpatialTransformer`` with the config's heads (C/64), depth, context width and projection."""
-    def transformer(ch: int) -> SpatialTransformer:
+    """``(channels, depth) -> SpatialTransformer`` with the config's heads (C/64), context width, projection and
+    cross-attention (none in xlv2's ReferenceNet)."""
+    def transformer(ch: int, depth: int) -> SpatialTransformer:
         heads = num_heads_for(ch, config.head_channels)
-        return SpatialTransformer(ch, heads, ch // heads, depth=config.transformer_depth,
-                                  context_dim=config.context_dim, use_linear=config.use_linear_proj)
+        return SpatialTransformer(ch, heads, ch // heads, depth=depth, context_dim=config.context_dim,
+                                  use_linear=config.use_linear_proj, cross_attention=config.cross_attention)
 
     return transformer
 
@@ -379,7 +437,7 @@ def build_input_blocks(config: UNetConfig) -> tuple[nn.ModuleList, tuple[int, ..
             layers = [ResBlock(ch, emb_dim, mult * mc)]
             ch = mult * mc
             if level in config.attention_levels:
-                layers.append(transformer(ch))
+                layers.append(transformer(ch, config.depth_at(level)))
             blocks.append(TimestepEmbedSequential(*layers))
             widths.append(ch)
         if level != last_level:
@@ -389,10 +447,12 @@ def build_input_blocks(config: UNetConfig) -> tuple[nn.ModuleList, tuple[int, ..
 
 
 class UNetModel(nn.Module):
-    """ldm ``UNetModel`` (SD 2.x, spatial transformers, no class embedding).
+    """ldm/sgm ``UNetModel`` (spatial transformers; a ``label_emb`` for ``y`` when ``adm_in_channels`` is set).
 
-    forward(x (B, in_ch, h, w), timesteps (B,) float in [0, 999], context (B, M, context_dim)) -> (B, out_ch, h, w).
-    h and w must be divisible by 2^(len(channel_mult)-1) (8 for the released model, method §8.4).
+    forward(x (B, in_ch, h, w), timesteps (B,) float in [0, 999], context (B, M, context_dim), y (B, adm) or None)
+    -> (B, out_ch, h, w); ``emb = time_embed(E(t)) + label_emb(y)`` (method-xl §2.2).
+    h and w must be divisible by 2^(len(channel_mult)-1) (8 for the released SD2.1 models, method §8.4; 4 for XL).
+    Without ``final_layer`` (ReferenceNet) the output is the last output block's features.
     """
 
     def __init__(self, config: Optional[UNetConfig] = None):
@@ -403,25 +463,33 @@ class UNetModel(nn.Module):
         self.model_channels = mc
 
         self.time_embed = time_embedding(config)
+        if config.adm_in_channels is not None:
+            # sgm's ``num_classes: sequential``: label_emb.0 = Linear, SiLU, Linear
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
         transformer = transformer_factory(config)
         self.input_blocks, skip_channels = build_input_blocks(config)
         skip_channels = list(skip_channels)
         ch = skip_channels[-1]
 
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim), transformer(ch), ResBlock(ch, emb_dim))
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim), transformer(ch, config.middle_transformer_depth), ResBlock(ch, emb_dim))
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             for i in range(config.num_res_blocks + 1):
+                if config.num_output_blocks is not None and len(self.output_blocks) == config.num_output_blocks:
+                    break
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc)]
                 ch = mult * mc
                 if level in config.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, config.depth_at(level)))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1))
+        if config.final_layer:
+            self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1))
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> "UNetModel":
@@ -440,13 +508,19 @@ class UNetModel(nn.Module):
         """The BasicTransformerBlocks in DFS order (method §4.1: 16 blocks for the released layout)."""
         return [m for m in self.modules() if isinstance(m, BasicTransformerBlock)]
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
+                y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.is_tensor(timesteps):
             timesteps = torch.tensor([timesteps], dtype=torch.float32, device=x.device)
         if timesteps.dim() == 0 or timesteps.numel() == 1:
             timesteps = timesteps.reshape(1).expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(t_emb)
+        if hasattr(self, "label_emb"):
+            if y is None:
+                raise ValueError("this U-Net embeds a y vector (label_emb) and needs y")
+            label = self.label_emb[0][0].weight
+            emb = emb + self.label_emb(y.to(device=label.device, dtype=label.dtype)).to(emb.dtype)
         if context is not None:
             context = context.to(self.dtype)
 
@@ -459,5 +533,7 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)
             h = block(h, emb, context)
+        if not hasattr(self, "out"):
+            return h
         h = h.to(self.out[0].weight.dtype)
         return self.out(h).to(x.dtype)

@@ -44,6 +44,8 @@ class UNetCall:
     ``sketch_hints``: the five hint levels for this call's rows (or one row, broadcast), None for no hints.
     ``bank``: the attention-injection step of this call (:mod:`~lib_colorize.processors.injection`): a
     ``BankWrite`` (reference pass) or a ``BankRead``; None outside injection.
+    ``reference_net``: xlv2's ReferenceNet attention control (:mod:`~lib_colorize.processors.reference_net`):
+    the banks being written (the ReferenceNet's pass) or a ``ReferenceNetRead`` (U-Net calls); None otherwise.
 
     The enhance modes (:mod:`~lib_colorize.processors.enhance`, method-enhance §3, §8.1; the same for every row):
     ``mask``: the latent sketch mask ``m`` (1, 1, h, w), 1 = character; ``mask_threshold``: ``τ_s``;
@@ -54,6 +56,7 @@ class UNetCall:
 
     sketch_hints: Optional[Sequence[torch.Tensor]] = None
     bank: Optional[object] = None
+    reference_net: Optional[object] = None
     mask: Optional[torch.Tensor] = None
     mask_threshold: float = 0.05
     split: Optional[object] = None

@@ -33,6 +33,8 @@ from torch.utils.hooks import RemovableHandle
 from .base import CurrentCall, Processor, transformer_blocks
 
 BACKGROUND, FOREGROUND = "bg", "fg"
+#: How a split attention combines its two passes (:class:`SplitAttention` ``select``).
+SELECTIONS = ("layer", "above", "below", "blend")
 
 
 def level_size(latent_hw: Sequence[int], tokens: int) -> tuple[int, int]:
@@ -63,6 +65,11 @@ class SplitAttention:
     whether the LoRA layers use their fg / bg LoRA in the fg / bg pass (``use_fg_lora``/``use_bg_lora``).
     The threshold and the mask are the call's ``mask_threshold`` and ``mask``. The dicts are the call's working
     state (per block: the pass in progress, the LoRA side, the inputs kept for the foreground pass).
+
+    ``select`` (:data:`SELECTIONS`): how the two passes combine per query token. ``layer``: the tie rule per layer
+    type (above); the XL models' (method-xl §5.5, §6.1): ``above`` = ``o_f where m > τ else o_b`` (sdxl, μ = 0),
+    ``below`` = ``o_b where m < τ else o_f`` (sdxl, μ > 0), ``blend`` = ``m·o_f + (1 − m)·o_b`` with the
+    unthresholded mask (xlv2's soft blend).
     """
 
     foreground_strength: float = 1.0
@@ -70,6 +77,7 @@ class SplitAttention:
     merging_scale: float = 0.0
     fg_lora: bool = False
     bg_lora: bool = False
+    select: str = "layer"
     passes: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     lora_sides: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     pending: dict = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -165,7 +173,9 @@ class SplitCrossAttention(Processor):
                 foreground = (1.0 - mu) * foreground + mu * background
             m = split.level_mask(call.mask, x.shape[1], x.device)
             threshold = float(call.mask_threshold)
-            if lora_layer:
+            if split.select == "blend":
+                return (m * foreground.float() + (1.0 - m) * background.float()).to(foreground.dtype)
+            if split.select == "above" or (split.select == "layer" and lora_layer):
                 return torch.where(m > threshold, foreground, background)
             return torch.where(m < threshold, background, foreground)
 

@@ -139,20 +139,25 @@ def _spatial_transformer(lay: Layout, p: str, c: int, ctx: int, linear: bool) ->
         _norm(lay, f"{tb}.norm{i}", c)
 
 
-def unet_input_layout(d: Dims, p: str = "") -> Tuple[Layout, list]:
-    """``time_embed`` + ``input_blocks`` (shared by the U-Net and v2's UNetEncoders); returns the skip widths too."""
+def unet_input_layout(d: Dims, p: str = "", transformer=None, in_channels: int = 4) -> Tuple[Layout, list]:
+    """``time_embed`` + ``input_blocks`` (shared by the U-Net and v2's UNetEncoders); returns the skip widths too.
+
+    ``transformer(lay, prefix, channels, level)`` writes an attention block's SpatialTransformer (default: SD2's)."""
     lay: Layout = {}
     mc, emb = d.model_channels, 4 * d.model_channels
     _linear(lay, f"{p}time_embed.0", emb, mc)
     _linear(lay, f"{p}time_embed.2", emb, emb)
-    _conv(lay, f"{p}input_blocks.0.0", mc, 4, 3)
+    _conv(lay, f"{p}input_blocks.0.0", mc, in_channels, 3)
     skips, c, n = [mc], mc, 1
     for level, mult in enumerate(d.channel_mult):
         for _ in range(d.num_res_blocks):
             _unet_resblock(lay, f"{p}input_blocks.{n}.0", c, mult * mc, emb)
             c = mult * mc
             if level in d.attention_levels:
-                _spatial_transformer(lay, f"{p}input_blocks.{n}.1", c, d.context_dim, d.linear_proj)
+                if transformer is None:
+                    _spatial_transformer(lay, f"{p}input_blocks.{n}.1", c, d.context_dim, d.linear_proj)
+                else:
+                    transformer(lay, f"{p}input_blocks.{n}.1", c, level)
             skips.append(c)
             n += 1
         if level != len(d.channel_mult) - 1:

@@ -6,9 +6,11 @@ in milliseconds and without network access.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import os
+import shutil
 import tempfile
 import threading
 from typing import Optional
@@ -43,6 +45,8 @@ def register_tiny_clip(name: str = TINY_CLIP_NAME, config: Optional[dict] = None
             return name
         if _config_dir is None:
             _config_dir = tempfile.mkdtemp(prefix="cd-clip-configs-")
+            # open_clip keeps what it read; the files are only needed until the process ends
+            atexit.register(shutil.rmtree, _config_dir, True)
         path = os.path.join(_config_dir, f"{name}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f)

@@ -1,5 +1,5 @@
-"""Every file the method downloads: the released checkpoints, the OpenCLIP weights, the line extractors and the
-mask extractors of the enhance modes.
+"""Every file the method downloads: the released checkpoints, the OpenCLIP weights, the line extractors, the
+mask extractors of the enhance modes and the XL models' reference encoders.
 
 Names given by users are looked up here and never joined onto paths.
 """
@@ -71,6 +71,25 @@ MASK_EXTRACTOR_FILES: dict[str, WeightFile] = {
                                     "not stated on the Hub page (the ColorizeDiffusion author's model)"),
     "ISNet": _mask_extractor("ISNet", "isnetis.safetensors", "Apache-2.0 (SkyTNT/anime-segmentation, isnetis)"),
 }
+#: The XL models' reference encoders (method-xl §1.4, §3.1-3.3): the XL checkpoints carry neither; the original
+#: downloads them from their own repositories. CLIP ViT-bigG-14 (laion2b_s39b_b160k): the hub file is the whole
+#: open_clip model (about 10.2 GB), of which only the image tower's tensors are read; a transformers
+#: ``CLIPVisionModelWithProjection`` file of the same weights is accepted too (method-xl §3.2).
+CLIP_BIGG = WeightFile(
+    name="CLIP ViT-bigG-14 image tower (laion2b_s39b_b160k)", filename="open_clip_ViT-bigG-14.safetensors",
+    folder=EXTENSION_FOLDER, hf_repo="laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+    hf_filename="open_clip_model.safetensors",
+    local_names=("open_clip_ViT-bigG-14.safetensors", "clip_vision_ViT-bigG-14.safetensors",
+                 "open_clip_ViT-bigG-14.bin"),
+    size_bytes=10_200_000_000, licence="MIT (LAION)")
+#: The WD-v1.4 SwinV2 tagger (method-xl §3.3), saved under the original's cache name.
+WD_TAGGER = WeightFile(
+    name="WD-v1.4 SwinV2 tagger", filename="wd-v14-swin2-tagger.safetensors", folder=EXTENSION_FOLDER,
+    hf_repo="SmilingWolf/wd-v1-4-swinv2-tagger-v2", hf_filename="model.safetensors",
+    local_names=("wd-v14-swin2-tagger.safetensors", "wd-v1-4-swinv2-tagger-v2.safetensors"),
+    size_bytes=385_000_000, licence="Apache-2.0 (SmilingWolf)")
+XL_WEIGHT_FILES: dict[str, WeightFile] = {"clip_bigg": CLIP_BIGG, "wd_tagger": WD_TAGGER}
+
 DEFAULT_CLIP_ARCH = "ViT-H-14"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s32b_b79k"
 
@@ -136,6 +155,7 @@ def find_checkpoint(name_or_path: "str | os.PathLike[str]", root: ModelsRoot) ->
     return None if spec is None else find_weight_file(spec, root.folder(spec.folder))
 
 
-__all__ = ["RELEASED_CHECKPOINTS", "LINE_EXTRACTOR_FILES", "MASK_EXTRACTOR_FILES", "RELEASED_LICENCE", "CLIP_VIT_H", "DEFAULT_CLIP_ARCH",
+__all__ = ["RELEASED_CHECKPOINTS", "LINE_EXTRACTOR_FILES", "MASK_EXTRACTOR_FILES", "CLIP_BIGG", "WD_TAGGER",
+           "XL_WEIGHT_FILES", "RELEASED_LICENCE", "CLIP_VIT_H", "DEFAULT_CLIP_ARCH",
            "DEFAULT_CLIP_PRETRAINED",
            "clip_weight_file", "released_checkpoint", "resolve_checkpoint", "find_checkpoint"]

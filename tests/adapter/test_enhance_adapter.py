@@ -114,7 +114,8 @@ def test_enhance_section_shows_what_the_loaded_checkpoint_can_do(webui, enhance_
     with gr.Blocks():
         components = cd_ui.build_ui(script, False)
     by_slot = dict(zip(UI_ORDER, components))
-    assert [by_slot[s] for s in ENHANCE_SLOTS] == components[-len(ENHANCE_SLOTS):]
+    first = UI_ORDER.index(ENHANCE_SLOTS[0])
+    assert [by_slot[s] for s in ENHANCE_SLOTS] == components[first:first + len(ENHANCE_SLOTS)]
     assert by_slot["bg_enhance"].visible and not by_slot["style_enhance"].visible
     assert not by_slot["fg_enhance"].visible and not by_slot["background_factor"].visible
     notice = enhance_ui.notice_for("v1")

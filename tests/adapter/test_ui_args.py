@@ -123,7 +123,8 @@ def assert_options_equal(got: ColorizeOptions, want: ColorizeOptions, *, images=
 @pytest.mark.parametrize("is_img2img", [False, True])
 def test_ui_builds_with_the_documented_components(is_img2img):
     script, components = build(is_img2img)
-    assert len(components) == len(UI_ORDER) == 59
+    assert len(components) == len(UI_ORDER) == 64      # 43 SD2.1 slots, 16 enhance, then 5 XL (append only)
+    assert UI_ORDER[42] == MANIPULATIONS_SLOT
     assert isinstance(components[0], gr.Checkbox) and components[0].accordion_id.endswith("_enabled")
     by_slot = dict(zip(UI_ORDER, components))
     assert isinstance(by_slot["sketch"], gr.Image) and by_slot["sketch"].type == "pil"

@@ -59,13 +59,13 @@ def test_registers_once(scripts_data):
     assert xyz.find_xyz_module() is module
     added = xyz.register_xyz_axes()
     labels = [o.label for o in module.axis_options]
-    assert added == len(xyz.axis_labels()) == 23
+    assert added == len(xyz.axis_labels()) == 27       # 23 SD2.1/enhance axes, then the 4 XL sketch strengths
     assert labels[:2] == ["Nothing", "Seed"] and labels[2:] == xyz.axis_labels()
     assert xyz.register_xyz_axes() == 0 and xyz.register_xyz_axes(module) == 0
     assert [o.label for o in module.axis_options] == labels
     # a re-imported X/Y/Z module (Reload UI) gets its own axes
     fresh = make_xyz_module()
-    assert xyz.register_xyz_axes(fresh) == 23
+    assert xyz.register_xyz_axes(fresh) == 27
 
 
 def test_no_xyz_is_a_no_op(scripts_data):

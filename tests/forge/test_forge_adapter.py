@@ -358,7 +358,7 @@ def _a1111_latents(colorize, run: ForgeRun, options: dict, reference_unet) -> to
     from lib_colorize.schedule import make_denoiser
 
     values = ColorizeOptions.from_dict(options)
-    state = lifecycle.ForgeGenerationState(options=values)
+    state = lifecycle.ForgeGenerationState(options=values, info=colorize.info)
     from cd_webui.lifecycle import prepare_conditioning, prepare_pass
 
     prepare_conditioning(state, reference_unet)

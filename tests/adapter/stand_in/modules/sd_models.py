@@ -8,6 +8,12 @@ from the tensors, ``num_head_channels`` at most ``model_channels`` (the narrowes
 U-Net tensors must all be there (others are ignored, like the webui's non-strict load). The VAE is
 ``lib_colorize``'s ldm-named ``AutoencoderKL``. After loading, ``sd_hijack.model_hijack.hijack`` applies the
 cross-attention optimisation, then ``on_model_loaded`` callbacks fire.
+
+A config whose model is sgm's ``DiffusionEngine`` (the extension's XL YAML) gives a :class:`StandInDiffusionEngine`
+as the webui builds one for SDXL: the conditioner the YAML names (instantiated from it), the SDXL U-Net
+(``lib_colorize``'s, which the real-webui tests check against sgm's) behind an ``OpenAIWrapper`` that passes
+``cond["crossattn"]`` as ``context`` and ``cond["vector"]`` as ``y``, the VAE with its scale inside
+``encode_first_stage``, ``is_sdxl`` and the parameterization from the denoiser's scaling class (``extend_sdxl``).
 """
 import os
 import zlib
@@ -93,6 +99,69 @@ class StandInLatentDiffusion(nn.Module):
         return torch.stack(rows)
 
 
+class OpenAIWrapper(nn.Module):
+    """sgm's ``OpenAIWrapper``: ``diffusion_model(cat(x, c["concat"]), timesteps=t, context=c["crossattn"],
+    y=c["vector"])``."""
+
+    def __init__(self, diffusion_model):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+        self.conditioning_key = "crossattn"
+
+    def forward(self, x, t, c):
+        x = torch.cat((x, c.get("concat", torch.Tensor([]).type_as(x))), dim=1)
+        return self.diffusion_model(x, t, c.get("crossattn"), c.get("vector"))
+
+
+class StandInDiffusionEngine(nn.Module):
+    """sgm's ``DiffusionEngine`` as the webui extends it for SDXL (see the module docstring)."""
+
+    def __init__(self, unet, vae, conditioner, parameterization, scale_factor):
+        from lib_colorize.schedule import ldm_schedule_buffers
+
+        super().__init__()
+        self.model = OpenAIWrapper(unet)
+        self.first_stage_model = vae
+        self.conditioner = conditioner
+        self.cond_stage_model = conditioner            # sd_hijack: an SDXL conditioner becomes cond_stage_model
+        self.parameterization = parameterization
+        self.scale_factor = scale_factor
+        self.cond_stage_key = "txt"
+        self.is_sdxl, self.is_sd2, self.is_sdxl_inpaint = True, False, False
+        self.lowvram = False
+        self.register_buffer("alphas_cumprod", ldm_schedule_buffers()["alphas_cumprod"].float())
+        self.apply_calls = 0
+
+    def apply_model(self, x, t, cond):
+        self.apply_calls += 1
+        return self.model(x, t, cond)
+
+    def encode_first_stage(self, x):
+        return self.scale_factor * self.first_stage_model.encode(x).sample()
+
+    def get_first_stage_encoding(self, x):
+        return x
+
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_learned_conditioning(self, prompts):
+        return self.conditioner({"txt": list(prompts)})
+
+
+def _load_diffusion_engine(path, config, info):
+    from lib_colorize.checkpoint import load_checkpoint
+
+    params = config["model"]["params"]
+    loaded = load_checkpoint(path, components=("unet", "vae"))
+    conditioner = instantiate_from_config(params["conditioner_config"])
+    if hasattr(conditioner, "context_dim"):   # widths scaled to the file, as for the U-Net of SD 2.x configs
+        conditioner.context_dim = loaded.unet.config.context_dim
+    scaling = params["denoiser_config"]["params"]["scaling_config"]["target"]
+    return StandInDiffusionEngine(loaded.unet, loaded.vae, conditioner, "v" if scaling.endswith("VScaling") else "eps",
+                                  float(params.get("scale_factor", 1.0)))
+
+
 def _read_config(config_path):
     if config_path and os.path.isfile(config_path):
         import yaml
@@ -128,6 +197,8 @@ def load_model(path, fire_callbacks=True):
         text_state = {k[len("cond_stage_model."):]: f.get_tensor(k) for k in keys if k.startswith("cond_stage_model.")}
     config_path = sd_models_config.find_checkpoint_config(dict.fromkeys(keys), info)
     config = _read_config(config_path)
+    if str((config.get("model") or {}).get("target", "")).endswith("DiffusionEngine"):
+        return _finish(_load_diffusion_engine(path, config, info), info, config_path, fire_callbacks)
     unet_config = unet_config_for(config, shapes)
     unet = instantiate_from_config(unet_config)
     missing, _unexpected = unet.load_state_dict(unet_state, strict=False)
@@ -140,6 +211,10 @@ def load_model(path, fire_callbacks=True):
     model = StandInLatentDiffusion(unet, vae, parameterization, alphas, unet_config["params"]["context_dim"])
     if text_state:
         model.cond_stage_model.load_state_dict(text_state)
+    return _finish(model, info, config_path, fire_callbacks)
+
+
+def _finish(model, info, config_path, fire_callbacks):
     model.sd_checkpoint_info = info
     model.sd_model_checkpoint = info.filename
     model.used_config = config_path

@@ -55,6 +55,8 @@ class CFGDenoiser(torch.nn.Module):
 
     def _inner(self, x, sigma, c_crossattn, c_concat):
         self.inner_calls += 1
+        if isinstance(c_crossattn, dict):   # SDXL conds: the webui's make_condition_dict keeps the dict
+            return self.inner_model(x, sigma, cond=dict(c_crossattn, c_concat=[c_concat]))
         return self.inner_model(x, sigma, cond={"c_crossattn": [c_crossattn], "c_concat": [c_concat]})
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
@@ -72,14 +74,14 @@ class CFGDenoiser(torch.nn.Module):
         cfg_denoiser_callback(params)
         x_in, image_cond_in, sigma_in = params.x, params.image_cond, params.sigma
         cond, uncond = params.text_cond, params.text_uncond
-        cond_in = torch.cat([cond, uncond])
+        cond_in = _catenate(cond, uncond)
         if shared.opts.batch_cond_uncond:
             x_out = self._inner(x_in, sigma_in, cond_in, image_cond_in)
         else:
             x_out = torch.zeros_like(x_in)
             for a in range(0, x_out.shape[0], batch):
                 b = a + batch
-                x_out[a:b] = self._inner(x_in[a:b], sigma_in[a:b], cond_in[a:b], image_cond_in[a:b])
+                x_out[a:b] = self._inner(x_in[a:b], sigma_in[a:b], _rows(cond_in, a, b), image_cond_in[a:b])
         cfg_denoised_callback(CFGDenoisedParams(x_out, state.sampling_step, state.sampling_steps, self.inner_model))
         if self.need_last_noise_uncond:
             self.last_noise_uncond = torch.clone(x_out[-batch:])
@@ -92,3 +94,17 @@ class CFGDenoiser(torch.nn.Module):
         cfg_after_cfg_callback(after)
         self.step += 1
         return after.x
+
+
+def _catenate(cond, uncond):
+    """``catenate_conds``: tensors along the batch, SDXL dict conds key by key."""
+    if isinstance(cond, dict):
+        return {key: torch.cat([cond[key], uncond[key]]) for key in cond}
+    return torch.cat([cond, uncond])
+
+
+def _rows(cond, a, b):
+    """``subscript_cond``."""
+    if isinstance(cond, dict):
+        return {key: value[a:b] for key, value in cond.items()}
+    return cond[a:b]
