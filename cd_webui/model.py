@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -107,8 +108,11 @@ def _make_resolver(original: Callable) -> Callable:
         if info is not None and state_dict is not None:
             from modules import sd_models_config
 
+            filename = getattr(info, "filename", "")
+            if filename:
+                remember_state_dict(filename, state_dict)  # later "is it ColorizeDiffusion?" reads no file
             if sd_models_config.find_checkpoint_config_near_filename(info) is None:
-                config = config_for_keys(state_dict.keys(), getattr(info, "filename", ""))
+                config = config_for_keys(state_dict.keys(), filename)
                 if config is not None:
                     print(f"ColorizeDiffusion: using {os.path.basename(config)} for {info.filename}")
                     return config
@@ -148,22 +152,57 @@ def file_key(path: str) -> tuple:
     return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
-_info_cache: dict = {}
+#: Key tables of checkpoint files by ``(path, mtime, size)`` (a CheckpointError when the file cannot be read):
+#: whether a file is ColorizeDiffusion is decided from its keys once per file version, never by loading it.
+_key_tables: "OrderedDict[tuple, object]" = OrderedDict()
+KEY_TABLE_CACHE_SIZE = 32
 
 
-def checkpoint_info(path: str):
-    """:func:`lib_colorize.checkpoint.inspect_checkpoint` (header only), cached by file key."""
-    from lib_colorize.checkpoint import inspect_checkpoint
+def _remember_key_table(key: tuple, table: object) -> None:
+    with _lock:
+        _key_tables[key] = table
+        _key_tables.move_to_end(key)
+        while len(_key_tables) > KEY_TABLE_CACHE_SIZE:
+            _key_tables.popitem(last=False)
+
+
+def key_table(path: str) -> dict:
+    """The file's key table (:func:`lib_colorize.checkpoint.read_key_table`: the safetensors header, or a pickle's
+    object tree without its tensors), cached by file key."""
+    from lib_colorize import checkpoint
 
     key = file_key(path)
     with _lock:
-        cached = _info_cache.get(key)
-    if cached is None:
-        cached = inspect_checkpoint(path)
-        with _lock:
-            _info_cache.clear()
-            _info_cache[key] = cached
-    return cached
+        table = _key_tables.get(key)
+    if table is None:
+        try:
+            table = checkpoint.read_key_table(path)
+        except CheckpointError as error:
+            table = error
+        _remember_key_table(key, table)
+    if isinstance(table, CheckpointError):
+        raise table
+    return table
+
+
+def remember_state_dict(path: str, state_dict) -> None:
+    """Record the key table of a state dict the webui has just loaded from ``path`` (no file read)."""
+    from lib_colorize.checkpoint import key_table_of
+
+    try:
+        key = file_key(path)
+    except OSError:
+        return
+    table = key_table_of(state_dict)
+    if table is not None:
+        _remember_key_table(key, table)
+
+
+def checkpoint_info(path: str):
+    """:func:`lib_colorize.checkpoint.info_from_key_table` of the file's cached :func:`key_table`."""
+    from lib_colorize.checkpoint import info_from_key_table
+
+    return info_from_key_table(path, key_table(path))
 
 
 def require_colorize_model(sd_model=None):
@@ -428,7 +467,7 @@ def count_tokens(text: str) -> int:
 def clear_caches(*, clip_too: bool = False) -> None:
     with _lock:
         _sketch_cache.clear()
-        _info_cache.clear()
+        _key_tables.clear()
         if clip_too:
             _clip.update(path=None, visual=None, text=None)
             if _token_cache is not None:
@@ -445,31 +484,38 @@ def on_model_loaded(sd_model) -> None:
     with _lock:
         if key not in _sketch_cache:
             _sketch_cache.clear()
-    used_config = os.path.abspath(str(getattr(sd_model, "used_config", "") or ""))
-    if used_config in {os.path.abspath(c) for c in CONFIGS.values()} or _is_colorize_file(path):
+    if is_colorize_model(sd_model):
         repair_schedule(sd_model)
-        if _is_colorize_file(path) and not _has_text_encoder(path):
+        if path and not _has_text_encoder(path):
             clear_text_encoder(sd_model)
+
+
+def is_colorize_model(sd_model=None) -> bool:
+    """Whether the loaded model is a ColorizeDiffusion checkpoint: it was built with our config, or its file's
+    (cached) key table says so. Reads no tensor data."""
+    sd_model = sd_model if sd_model is not None else getattr(_shared(), "sd_model", None)
+    used_config = os.path.abspath(str(getattr(sd_model, "used_config", "") or ""))
+    return used_config in {os.path.abspath(c) for c in CONFIGS.values()} or _is_colorize_file(checkpoint_path(sd_model))
 
 
 def _has_text_encoder(path: str) -> bool:
     """Whether the file carries ``cond_stage_model.*`` tensors (released ColorizeDiffusion files do not)."""
-    from lib_colorize.checkpoint import read_safetensors_header
-
-    if not path.lower().endswith(".safetensors"):
-        return True  # unknown without reading a pickle; leave the webui's model alone
     try:
-        return any(key.startswith("cond_stage_model.") for key in read_safetensors_header(path))
-    except CheckpointError:
-        return True
+        return any(key.startswith("cond_stage_model.") for key in key_table(path))
+    except (CheckpointError, OSError):
+        return True  # unknown: leave the webui's model alone
 
 
 def clear_text_encoder(sd_model) -> bool:
-    """Zero the parameters of the webui's text encoder when the checkpoint has none.
+    """Give the webui's text encoder constant weights when the checkpoint has none: zeros, except every LayerNorm
+    bias, which is 1.
 
     The webui builds the (unused) OpenCLIP text tower with weight initialisation disabled, so the tensors the file
     does not provide keep whatever memory ``torch.empty`` returned: prompt conds then differ from one start to the
-    next and may hold NaN. ColorizeDiffusion never uses them; zeros make them finite and reproducible.
+    next and may hold NaN. ColorizeDiffusion never uses them. With zero weights every layer passes zeros on, and
+    the last LayerNorm turns them into its bias: the cond is 1 everywhere. It must not be 0: the webui's default
+    emphasis rescales the cond by ``mean(z) / mean(z · multipliers)``, which is 0/0 for a zero cond (NaN, a black
+    image). With 1 every emphasis mode gives finite conds.
     """
     cond_stage = getattr(sd_model, "cond_stage_model", None)
     if cond_stage is None:
@@ -478,7 +524,12 @@ def clear_text_encoder(sd_model) -> bool:
         for parameter in cond_stage.parameters():
             if not parameter.is_meta:
                 parameter.zero_()
-    print("ColorizeDiffusion: the checkpoint has no text encoder (not used by ColorizeDiffusion); set it to zeros")
+        for module in cond_stage.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(module, torch.nn.LayerNorm) and isinstance(bias, torch.Tensor) and not bias.is_meta:
+                bias.fill_(1.0)
+    print("ColorizeDiffusion: the checkpoint has no text encoder (not used by ColorizeDiffusion); gave it constant "
+          "weights (prompts have no effect with this checkpoint)")
     return True
 
 
