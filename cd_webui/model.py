@@ -32,6 +32,7 @@ import torch
 
 from lib_colorize.errors import CheckpointError, NotColorizeModel
 from lib_colorize.module_info import module_device
+from lib_colorize.randomness import untouched_global_rng
 from lib_colorize.schedule import ldm_schedule_buffers
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ SETTINGS_SECTION = ("colorizediffusion", "ColorizeDiffusion")
 SETTING_MODELS_DIR = "colorize_models_path"
 SETTING_OFFLOAD = "colorize_offload_reference_encoder"
 SETTING_GALLERY = "colorize_extra_gallery_images"
+SETTING_CLIP_PRECISION = "colorize_reference_encoder_precision"
+#: Precision of the OpenCLIP towers: float32 as in the original (these tokens are the whole reference
+#: conditioning, and the towers are offloaded between uses anyway), or the webui's U-Net precision.
+CLIP_PRECISIONS = ("float32", "webui")
 
 #: open_clip architecture of the reference encoder (tests swap in a tiny registered one).
 CLIP_ARCH = "ViT-H-14"
@@ -79,6 +84,12 @@ def on_ui_settings() -> None:
     )
     for key, default, label in options:
         shared.opts.add_option(key, shared.OptionInfo(default, label, section=SETTINGS_SECTION))
+    import gradio as gr
+
+    shared.opts.add_option(SETTING_CLIP_PRECISION, shared.OptionInfo(
+        CLIP_PRECISIONS[0], "Precision of the reference encoder (OpenCLIP ViT-H): float32 as in the original, or "
+                            "the webui's (float16 on most GPUs: half the memory, slightly different tokens)",
+        gr.Radio, {"choices": list(CLIP_PRECISIONS)}, section=SETTINGS_SECTION))
 
 
 def models_dir() -> str:
@@ -123,7 +134,8 @@ def _make_resolver(original: Callable) -> Callable:
 
 
 def install_config_resolver() -> None:
-    """Make ColorizeDiffusion checkpoints load with our YAML (idempotent; undone by :func:`uninstall_config_resolver`)."""
+    """Make ColorizeDiffusion checkpoints load with our YAML (idempotent; :func:`uninstall_config_resolver` undoes
+    it)."""
     from modules import sd_models_config
 
     current = sd_models_config.find_checkpoint_config
@@ -218,6 +230,20 @@ def require_colorize_model(sd_model=None):
                                f"{os.path.basename(path)} cannot be used: {error.problem}") from None
 
 
+#: "Use sketch size" without a ColorizeDiffusion checkpoint loaded: the v1 size.
+DEFAULT_NATIVE_SIZE = 512
+
+
+def native_size() -> int:
+    """Native side (pixels) of the loaded checkpoint, for "Use sketch size": 512 for v1/v1.5, 768 for v2."""
+    try:
+        sd_model = getattr(_shared(), "sd_model", None)
+        path = checkpoint_path(sd_model)
+        return checkpoint_info(path).native_size if path and os.path.isfile(path) else DEFAULT_NATIVE_SIZE
+    except (CheckpointError, OSError):
+        return DEFAULT_NATIVE_SIZE
+
+
 # ---------------------------------------------------------------------------------------------------- schedule
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -266,6 +292,20 @@ def compute_dtype() -> torch.dtype:
     if compute_device().type == "cpu":
         return torch.float32
     return devices.dtype_unet
+
+
+def unet_input_dtype() -> torch.dtype:
+    """The dtype the webui computes its U-Net in (``devices.dtype_unet``: float16, or float32 with --no-half), for
+    the reference tokens, sketch hints and injection latents. Not the U-Net's parameters' dtype: the "FP8 weight"
+    setting stores those in float8, and the webui still runs in ``dtype_unet``."""
+    from modules import devices
+
+    return devices.dtype_unet
+
+
+def clip_dtype() -> torch.dtype:
+    """The OpenCLIP towers' dtype: float32 unless the setting asks for the webui's precision."""
+    return compute_dtype() if setting(SETTING_CLIP_PRECISION, CLIP_PRECISIONS[0]) == "webui" else torch.float32
 
 
 def make_room_on_gpu() -> None:
@@ -379,15 +419,20 @@ def _load_clip_towers(towers: Sequence[str]) -> None:
         if _clip["path"] != path:
             _clip.update(path=path, visual=None, text=None)
         missing = [t for t in towers if _clip[t] is None]
+        dtype = clip_dtype()
+        for tower in towers:
+            if _clip[tower] is not None:
+                _clip[tower].to(dtype=dtype)   # the setting may have changed since it was loaded
         if not missing:
             return
         print(f"ColorizeDiffusion: loading OpenCLIP {CLIP_ARCH} ({', '.join(missing)}) from {path}")
-        loaded = clip.load_clip(CLIP_ARCH, weights=path, device="cpu", dtype=torch.float32, towers=missing)
+        with untouched_global_rng():   # building the towers initialises weights from the global RNG
+            loaded = clip.load_clip(CLIP_ARCH, weights=path, device="cpu", dtype=torch.float32, towers=missing)
         if loaded.reference is not None:
-            loaded.reference.to(dtype=compute_dtype())
+            loaded.reference.to(dtype=dtype)
             _clip["visual"] = loaded.reference
         if loaded.text is not None:
-            loaded.text.to(dtype=compute_dtype())
+            loaded.text.to(dtype=dtype)
             _clip["text"] = loaded.text
 
 
@@ -409,7 +454,7 @@ class _EncoderOnDevice:
         self.encoder = encoder
         self.offload = offload
         self.instance_id = getattr(encoder, "instance_id", id(encoder))
-        self._probe = torch.empty(0, dtype=compute_dtype(), device=compute_device())
+        self._probe = torch.empty(0, dtype=clip_dtype(), device=compute_device())
 
     def parameters(self):
         yield self._probe

@@ -48,6 +48,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER_BYTES = 100 * 2 ** 20
 
 VERSIONS = ("v1", "v1.5", "v2")
+#: Training resolution of each version (method §1.2): the output size for a sketch whose size is not given.
+NATIVE_SIZES = {"v1": 512, "v1.5": 512, "v2": 768}
 # File-name prefixes of the released files (method §1.3): mult* = v1, switch* = v1.5, v2* = v2.
 NAME_PREFIX_VERSIONS = (("mult", "v1"), ("switch", "v1.5"), ("v2", "v2"))
 
@@ -81,6 +83,11 @@ class CheckpointInfo:
     num_tensors: int = 0
     warnings: Tuple[str, ...] = ()
     context_dim: Optional[int] = None   # width of the cross-attention context (= the CLIP token width D)
+
+    @property
+    def native_size(self) -> int:
+        """Side of the square the model was trained at (pixels)."""
+        return NATIVE_SIZES.get(self.version, 512)
 
 
 @dataclass

@@ -135,8 +135,8 @@ def noised_reference(latent: torch.Tensor, sigma: torch.Tensor, noise: torch.Ten
     """Attention injection's reference at this call's noise level, as a k-diffusion input (method §6.2).
 
     The original noises the reference at the integer timestep ``n = round(t)``:
-    ``q(r, n) = √ᾱ_n r + √(1 - ᾱ_n) ε``. A k-diffusion model divides its input by ``√(σ² + 1)`` (``c_in``), so the
-    input that reaches the U-Net as ``q(r, n)`` is ``x = √((σ² + 1) / (σ_n² + 1)) (r + σ_n ε)`` with
+    ``q(r, n) = √ᾱ_n r + √(1 - ᾱ_n) ε``. A k-diffusion model divides its input by ``√(σ² + 1)`` (``c_in``), so
+    the input that reaches the U-Net as ``q(r, n)`` is ``x = √((σ² + 1) / (σ_n² + 1)) (r + σ_n ε)`` with
     ``σ_n = sigmas[n] = √((1 - ᾱ_n) / ᾱ_n)``; at integer ``t`` that is ``r + σ ε``. ``t`` is the call's
     (fractional) timestep, ``sigmas`` the model's discrete table (``sigmas[0]`` at t = 0).
     """

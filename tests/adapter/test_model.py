@@ -120,3 +120,20 @@ def test_missing_text_encoder_gives_finite_conds_in_every_emphasis_mode(webui, s
         mode.after_transformers()
         assert torch.isfinite(mode.z).all(), f"emphasis {option.name} gives non-finite conds"
         assert float(mode.z.abs().mean()) > 0
+
+
+# ------------------------------------------------------------------------------- reference encoder precision
+def test_the_reference_encoder_runs_in_float32_unless_the_setting_says_otherwise(webui, monkeypatch):
+    """The original keeps OpenCLIP in fp32; with the webui in half precision (on a GPU) the towers stay fp32 by
+    default, and follow the webui's precision only when the setting asks for it."""
+    from modules import shared
+
+    monkeypatch.setattr(cd_model, "compute_dtype", lambda: torch.float16)     # the webui's half precision
+    assert shared.opts.data[cd_model.SETTING_CLIP_PRECISION] == "float32"
+    assert next(cd_model.reference_encoder().parameters()).dtype == torch.float32
+    assert next(cd_model.text_encoder().parameters()).dtype == torch.float32
+    shared.opts.data[cd_model.SETTING_CLIP_PRECISION] = "webui"
+    assert next(cd_model.reference_encoder().parameters()).dtype == torch.float16
+    assert next(cd_model.text_encoder().parameters()).dtype == torch.float16
+    shared.opts.data[cd_model.SETTING_CLIP_PRECISION] = "float32"
+    assert next(cd_model.reference_encoder().parameters()).dtype == torch.float32

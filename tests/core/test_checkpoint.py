@@ -262,8 +262,11 @@ def test_pickle_key_table_reads_no_tensor_data(tmp_path, files, zip_format, monk
 
     opened_members = []
     original_open = ckpt.zipfile.ZipFile.open
-    monkeypatch.setattr(ckpt.zipfile.ZipFile, "open",
-                        lambda self, name, *a, **k: opened_members.append(str(name)) or original_open(self, name, *a, **k))
+    def recording_open(self, name, *args, **kwargs):
+        opened_members.append(str(name))
+        return original_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.zipfile.ZipFile, "open", recording_open)
 
     def no_torch_load(*args, **kwargs):
         raise AssertionError("torch.load was called to read a key table")
