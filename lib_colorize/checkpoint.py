@@ -444,9 +444,9 @@ def _read_prefix(source: _TensorSource, prefix: str, strip: bool = True,
 # Inspect
 
 
-def _context_dim(source: _TensorSource) -> Optional[int]:
+def _context_dim(infos: Mapping[str, TensorInfo]) -> Optional[int]:
     """Input width of the U-Net's cross-attention keys (``attn2.to_k.weight`` is (inner, context_dim))."""
-    for key, info in source.infos.items():
+    for key, info in infos.items():
         if key.startswith(UNET_PREFIX) and key.endswith(".attn2.to_k.weight") and len(info.shape) == 2:
             return int(info.shape[1])
     return None
@@ -486,7 +486,7 @@ def info_from_key_table(path: "str | os.PathLike[str]", infos: Mapping[str, Tens
         name_version=name_version,
         num_tensors=len(keys),
         warnings=tuple(warnings),
-        context_dim=_context_dim(source),
+        context_dim=_context_dim(infos),
     )
 
 

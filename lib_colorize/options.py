@@ -83,7 +83,7 @@ def _spec(name, kind, default, label, tooltip, minimum=None, maximum=None, step=
 
 #: What the window and start options measure (method §5.4): the U-Net timestep's progress, not the step count.
 PROGRESS_NOTE = ("Progress is 1 - t/999 of the U-Net timestep t (0 at the first step, 1 at the last), not the "
-                 "fraction of steps: with Karras steps 0.5 comes about halfway but 0.9 only after 70% of them.")
+                 "fraction of steps: with 20 Karras steps 0.5 comes at step 10 but 0.9 only at step 15.")
 
 
 #: Scalar options, in the order the accordion shows them. Structured options (images, level_scales,

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from PIL import Image
 
+from .checkpoint import NATIVE_SIZES
 from . import conditioning
 from .denoiser import guided_call, k_noised_reference
 from .errors import InvalidInput
@@ -151,7 +152,7 @@ class Colorizer:
 
     @property
     def native_size(self) -> int:
-        return self.checkpoint.info.native_size
+        return NATIVE_SIZES.get(self.checkpoint.info.version, 512)
 
     def output_size(self, options: ColorizeOptions, sampling: SamplingOptions) -> tuple[int, int]:
         """(W, H): given; one side given, the other from the sketch's aspect ratio; else the sketch's aspect ratio
