@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lib_colorize.denoiser import GenerationPlan, evaluate_rows, outputs_by_role, row_contexts, sigma_noised_reference
+from lib_colorize.denoiser import GenerationPlan, evaluate_rows, k_noised_reference, outputs_by_role, row_contexts
 from lib_colorize.errors import ColorizeError
 from lib_colorize.guidance import COND, REF_DROPPED, SKETCH_DROPPED, combine, progress
 from lib_colorize.processors import ProcessorSet
@@ -207,7 +207,8 @@ class ForgePass:
         key = self._key(x, sigma)
         if self._step is not None and self._step[0] == key:
             return self._step[1]
-        noised = sigma_noised_reference if self.plan.injection is not None else None
+        noised = (k_noised_reference(self.predictor.sigmas, self.predictor.timestep)
+                  if self.plan.injection is not None else None)
         roles, outputs = evaluate_rows(self.plan, self.processors, _ForgeRows(apply_model, transformer_options),
                                        x, sigma, self.timestep(sigma), noised_reference=noised)
         by_role = outputs_by_role(self.plan, roles, outputs)

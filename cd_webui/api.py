@@ -43,17 +43,16 @@ def visualize_heatmap(reference: Any, sequence_text: str, control: str,
                                 lambda texts: model.encode_text(texts).float())
 
 
-def heatmap_for_options(options):
-    """The gallery heat map of a generation: saved groups applied, the last group's control and thresholds."""
-    from lib_colorize.manipulation import manipulation_heatmap
+def heatmaps_for_options(options) -> list:
+    """The gallery heat maps of a generation, one per group: what "Visualize" shows for that group, the regions
+    its control prompt selects before it is applied (:func:`lib_colorize.manipulation.group_heatmaps`)."""
+    from lib_colorize.manipulation import group_heatmaps
 
     groups = list(options.manipulations)
     if not groups or options.reference is None:
         raise InvalidInput("manipulations", "the heat map needs a reference and at least one manipulation group")
-    last = groups[-1]
-    return manipulation_heatmap(options.reference, groups, last.control, last.thresholds,
-                                lambda tensor: model.encode_reference_full(tensor).float(),
-                                lambda texts: model.encode_text(texts).float())
+    return group_heatmaps(options.reference, groups, lambda tensor: model.encode_reference_full(tensor).float(),
+                          lambda texts: model.encode_text(texts).float())
 
 
 def _request_model():

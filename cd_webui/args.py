@@ -21,14 +21,16 @@ import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
 from lib_colorize.errors import InvalidInput
+from lib_colorize.guidance import level_layers
 from lib_colorize.images import decode_image
 from lib_colorize.manipulation import parse_manipulation_sequence
-from lib_colorize.options import (ALL_KEYS, FIELDS, IMAGE_FIELDS, LEVEL_NAMES, NUM_ATTENTION_LAYERS, SCALE_RANGE,
-                                  SKETCH_LEVEL_FIELDS, ColorizeOptions, LevelScales, check_bool,
-                                  check_prompt_tokens, parse_level_scales)
+from lib_colorize.options import (ALL_KEYS, DEFAULT_THRESHOLDS, FIELDS, IMAGE_FIELDS, LEVEL_NAMES,
+                                  NUM_ATTENTION_LAYERS, SCALE_RANGE, SKETCH_LEVEL_FIELDS, ColorizeOptions,
+                                  LevelScales, check_bool, check_prompt_tokens, parse_level_scales)
 
-__all__ = ["UI_ORDER", "ENHANCE_SLOTS", "SLOT_INDEX", "LEVEL_SLOTS", "LAYER_SLOTS", "ACCURATE_SLOT", "USE_INIT_IMAGE_SLOT",
-           "MANIPULATIONS_SLOT", "LEVEL_LABELS", "LAYER_NAMES", "SCALE_RANGE", "OVERRIDE_PREFIX",
+__all__ = ["UI_ORDER", "ENHANCE_SLOTS", "SLOT_INDEX", "LEVEL_SLOTS", "LAYER_SLOTS", "ACCURATE_SLOT",
+           "USE_INIT_IMAGE_SLOT", "MANIPULATIONS_SLOT", "INFOTEXT_ENABLED_SLOT", "FORM_SLOTS", "FORM_TARGET_SLOT",
+           "form_group", "pasted_enabled", "LEVEL_LABELS", "LAYER_NAMES", "SCALE_RANGE", "OVERRIDE_PREFIX",
            "override_attr", "level_override_attr", "parse_script_args", "ui_defaults"]
 
 # ------------------------------------------------------------------------------ the positional order
@@ -37,6 +39,12 @@ LAYER_SLOTS = tuple(f"layer_scales[{i}]" for i in range(NUM_ATTENTION_LAYERS))
 ACCURATE_SLOT = "accurate_layer_scales"
 USE_INIT_IMAGE_SLOT = "use_init_image"
 MANIPULATIONS_SLOT = "manipulations"
+INFOTEXT_ENABLED_SLOT = "infotext_enabled"
+#: The manipulation form: the group being edited, appended to the sequence when its target is not empty (the
+#: original app's rule, method §12.2 row 6), so the form takes effect without "Add".
+FORM_KEYS = ("target", "anchor", "control", "scale", "enhance")
+FORM_SLOTS = tuple(f"form.{key}" for key in FORM_KEYS) + tuple(f"form.thresholds[{i}]" for i in range(4))
+FORM_TARGET_SLOT = FORM_SLOTS[0]
 
 #: The enhance section's slots (:mod:`cd_webui.enhance_ui`), appended after the manipulation sequence.
 ENHANCE_SLOTS = ("style_enhance", "bg_enhance", "fg_enhance", "background", "sketch_mask", "reference_mask",
@@ -49,6 +57,8 @@ ENHANCE_SLOTS = ("style_enhance", "bg_enhance", "fg_enhance", "background", "ske
 #: ``use_init_image`` exists (hidden, ignored) in txt2img too, so both tabs share one order.
 #: ``accurate_layer_scales`` switches the 16 ``layer_scales[i]`` on; off means ``layer_scales = None``.
 #: ``manipulations`` holds the prompt-sequence text (one group per line), or a JSON list of groups (API).
+#: ``infotext_enabled`` (hidden) holds ``enabled`` as pasted from an infotext: the API's ``infotext`` field pastes
+#: into every slot, then a named dict replaces slot 0, so this is where a dict that omits ``enabled`` finds it.
 UI_ORDER: tuple[str, ...] = (
     "enabled", "sketch", "reference", USE_INIT_IMAGE_SLOT, "sketch_mode", "line_extractor",
     "reference_guidance", "sketch_guidance", "sketch_strength", "reference_strength",
@@ -58,24 +68,30 @@ UI_ORDER: tuple[str, ...] = (
     "crop_result", "return_sketch", "return_heatmap", MANIPULATIONS_SLOT,
     *ENHANCE_SLOTS,
     *SKETCH_LEVEL_FIELDS, "sketch_rope",
+    INFOTEXT_ENABLED_SLOT, *FORM_SLOTS,
 )
 SLOT_INDEX: dict[str, int] = {name: i for i, name in enumerate(UI_ORDER)}
 
-#: Range and step of the level and per-layer scale sliders (``parse_level_scales`` / ``parse_layer_scales``
-#: accept [0, 1]; step as in the original app, method §4.3). Defaults come from :class:`LevelScales`.
-LEVEL_LABELS = {
-    "encoder": ("Encoder scale", "Cross-attention scale of the encoder's high and middle-resolution layers "
-                                 "(times reference strength)."),
-    "middle": ("Middle-resolution scale (colour)", "Cross-attention scale of the middle-resolution layers: "
-                                                   "mostly colour (times reference strength)."),
-    "low": ("Low-resolution scale (semantics)", "Cross-attention scale of the low-resolution layers: mostly "
-                                                "semantics (times reference strength)."),
-}
 #: The 16 cross-attention layers in U-Net order (method §4.1).
 LAYER_NAMES = ("down0.attn0", "down0.attn1", "down1.attn0", "down1.attn1", "down2.attn0", "down2.attn1",
                "middle", "up2.attn0", "up2.attn1", "up2.attn2", "up1.attn0", "up1.attn1", "up1.attn2",
                "up0.attn0", "up0.attn1", "up0.attn2")
 assert len(LAYER_NAMES) == NUM_ATTENTION_LAYERS
+
+
+def _level_tooltip(level: str, what: str) -> str:
+    names = ", ".join(LAYER_NAMES[block] for block in level_layers(NUM_ATTENTION_LAYERS)[level])
+    return f"Cross-attention scale of the layers {names} ({what}), times reference strength."
+
+
+#: Labels and tooltips of the level sliders; their range and step are SCALE_RANGE (``parse_level_scales`` /
+#: ``parse_layer_scales`` accept [0, 1]; step as in the original app, method §4.3), defaults :class:`LevelScales`.
+LEVEL_LABELS = {
+    "encoder": ("Encoder scale", _level_tooltip("encoder", "the encoder's highest resolution; its other layers "
+                                                           "follow the middle and low scales")),
+    "middle": ("Middle-resolution scale (colour)", _level_tooltip("middle", "middle resolution: mostly colour")),
+    "low": ("Low-resolution scale (semantics)", _level_tooltip("low", "lowest resolution: mostly semantics")),
+}
 
 _SCALARS = tuple(spec.name for spec in FIELDS)
 _DICT_EXTRA_KEYS = (USE_INIT_IMAGE_SLOT,)
@@ -102,7 +118,11 @@ def ui_defaults() -> dict[str, Any]:
     """Default value of every positional slot (what ``build_ui``'s components start with)."""
     defaults: dict[str, Any] = {spec.name: spec.default for spec in FIELDS}
     defaults.update({name: None for name in IMAGE_FIELDS})
-    defaults.update({USE_INIT_IMAGE_SLOT: False, ACCURATE_SLOT: False, MANIPULATIONS_SLOT: ""})
+    defaults.update({USE_INIT_IMAGE_SLOT: False, ACCURATE_SLOT: False, MANIPULATIONS_SLOT: "",
+                     INFOTEXT_ENABLED_SLOT: False})
+    defaults.update({FORM_TARGET_SLOT: "", "form.anchor": "", "form.control": "", "form.scale": 0.0,
+                     "form.enhance": False})
+    defaults.update({f"form.thresholds[{i}]": value for i, value in enumerate(DEFAULT_THRESHOLDS)})
     levels = LevelScales()
     for name, slot in zip(LEVEL_NAMES, LEVEL_SLOTS):
         defaults[slot] = getattr(levels, name)
@@ -128,6 +148,22 @@ def _manipulations_value(value: Any) -> Any:
     return value
 
 
+def form_group(slots: Mapping[str, Any]) -> Optional[dict]:
+    """The manipulation form's group (API keys) when its target prompt is not empty, else None."""
+    target = slots.get(FORM_TARGET_SLOT)
+    if target is None or (isinstance(target, str) and not target.strip()):
+        return None
+    group = {key: slots.get(f"form.{key}") for key in FORM_KEYS}
+    group["thresholds"] = [slots.get(f"form.thresholds[{i}]", DEFAULT_THRESHOLDS[i]) for i in range(4)]
+    return {key: value for key, value in group.items() if value is not None}
+
+
+def pasted_enabled(args: Sequence[Any]) -> Any:
+    """``enabled`` as the API's ``infotext`` field pasted it (None when the slot was not sent)."""
+    index = SLOT_INDEX[INFOTEXT_ENABLED_SLOT]
+    return args[index] if len(args) > index else None
+
+
 def _values_from_positional(args: Sequence[Any]) -> tuple[dict, bool]:
     if len(args) > len(UI_ORDER):
         raise InvalidInput("args", f"got {len(args)} positional values; ColorizeDiffusion takes at most "
@@ -142,6 +178,9 @@ def _values_from_positional(args: Sequence[Any]) -> tuple[dict, bool]:
         values["layer_scales"] = [slots.get(slot, 1.0) for slot in LAYER_SLOTS]
     if MANIPULATIONS_SLOT in slots:
         values["manipulations"] = _manipulations_value(slots[MANIPULATIONS_SLOT])
+    group = form_group(slots)
+    if group is not None and isinstance(values.get("manipulations", []), (list, tuple)):
+        values["manipulations"] = list(values.get("manipulations", [])) + [group]
     use_init = check_bool(USE_INIT_IMAGE_SLOT, slots.get(USE_INIT_IMAGE_SLOT, False))
     return values, use_init
 
@@ -188,6 +227,8 @@ def parse_script_args(args: Sequence[Any], p: Any = None, *, is_img2img: bool = 
                 values.setdefault(key, value)
             if USE_INIT_IMAGE_SLOT not in args[0]:
                 use_init = pasted_use_init
+            if "enabled" not in args[0] and pasted_enabled(args) is not None:
+                values["enabled"] = pasted_enabled(args)
     else:
         values, use_init = _values_from_positional(args)
     _apply_overrides(values, p)

@@ -6,11 +6,13 @@ script hook                   what happens
 ``before_process``            self-heal: remove processors left by a crashed earlier run; reset the per-``p`` state
                               (the img2img batch tab reuses ``p``); undo an earlier ``p.sample`` wrapper
 ``process``                   parse the args (:func:`cd_webui.args.parse_script_args`, ``p.cd_*`` overrides
-                              first), write the ``CD ...`` infotext, validate (ColorizeDiffusion checkpoint, no
-                              refiner, supported sampler), encode the reference; wrap ``p.sample``
-``process_before_every_``     per sampling pass (twice with hires fix): the sketch at this pass's size, the
-``sampling``                  injection latent, the plan; install the :mod:`~lib_colorize.processors`;
-                              bind our forward to ``p.sampler.model_wrap_cfg`` (:mod:`cd_webui.sampling`)
+                              first), write the ``CD ...`` infotext (without the unused "CFG scale"), validate
+                              (ColorizeDiffusion checkpoint, no refiner, supported sampler, ``enabled`` a
+                              boolean), encode the reference; wrap ``p.sample``
+``process_before_every_``     per sampling pass (twice with hires fix): conflicting features
+``sampling``                  (:mod:`cd_webui.conflicts`), the sketch at this pass's size, the injection latent,
+                              the plan; install the :mod:`~lib_colorize.processors`; bind our forward to
+                              ``p.sampler.model_wrap_cfg`` (:mod:`cd_webui.sampling`)
 ``p.sample`` wrapper          raises the user errors collected above (the runner swallows exceptions in
                               ``process``; these reach the UI/API), and ALWAYS removes the processors (``finally``)
 ``postprocess_image``         "Remove background in result", then "Crop result"
@@ -18,7 +20,8 @@ script hook                   what happens
 ============================  ================================================================================
 
 Disabled: nothing is installed, ``p`` is not touched (except that stale ``CD ...`` infotext keys of an earlier
-X/Y/Z cell are removed), so the output is bit-identical to a webui without the extension.
+X/Y/Z cell are removed, and a ColorizeDiffusion checkpoint gets a note that it needs the accordion), so the output
+is bit-identical to a webui without the extension.
 """
 from __future__ import annotations
 
@@ -32,14 +35,19 @@ from lib_colorize import conditioning
 from lib_colorize.errors import ColorizeError, InvalidInput
 from lib_colorize.guidance import cross_attention_scales, xl_cross_attention_scales
 from lib_colorize import processors as unet_processors
-from lib_colorize.module_info import module_dtype
 from lib_colorize.options import NUM_ATTENTION_LAYERS, ColorizeOptions
 
-from . import model, sampling
+from . import conflicts, model, sampling
 
 logger = logging.getLogger(__name__)
 
 STATE_ATTR = "colorize_state"
+#: Pixels per latent cell (the webui's ``opt_f``).
+LATENT_FACTOR = 8
+#: The webui's infotext key of ``p.cfg_scale``.
+CFG_SCALE_KEY = "CFG scale"
+NOTICE_DISABLED = ("ColorizeDiffusion: this is a ColorizeDiffusion checkpoint, which ignores the prompt; open the "
+                   "ColorizeDiffusion accordion and give a sketch and a reference to colorize")
 #: Samplers whose denoiser contract the override cannot honour.
 UNSUPPORTED_SAMPLERS = {"DDIM CFG++": "it rescales CFG internally (cond_scale_miltiplier / last_noise_uncond)"}
 
@@ -58,7 +66,8 @@ class GenerationState:
     context: Optional[sampling.SamplingContext] = None
     passes: int = 0
     first_size: Optional[tuple] = None           # (W, H) of the first sampling pass
-    box: Optional[tuple] = None                  # sketch box in the first pass, for "Crop result"
+    box: Optional[tuple] = None                  # sketch box of the last pass, in its canvas, for "Crop result"
+    box_canvas: Optional[tuple] = None           # (W, H) of that canvas
     sketch_preview: Any = None                   # the line art the model saw (first pass), PIL
     mask_previews: list = field(default_factory=list)   # the enhance modes' masks (first pass), PIL
     stats: dict = field(default_factory=dict)
@@ -96,16 +105,21 @@ def before_process(p, *args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- process
-def _raw_enabled(args: Sequence[Any], p) -> bool:
-    """Whether the user asked for ColorizeDiffusion, read without validating anything."""
+def _enabled_value(args: Sequence[Any], p) -> Any:
+    """The ``enabled`` value as given (``p.cd_enabled`` first), read without validating anything."""
     override = getattr(p, "cd_enabled", None)
     if override is not None:
-        value = override
-    elif args and isinstance(args[0], dict):
-        value = args[0].get("enabled", False)
-    else:
-        value = args[0] if args else False
-    return value is True or str(value).strip().lower() == "true"
+        return override
+    if args and isinstance(args[0], dict):
+        from .args import pasted_enabled
+
+        return args[0]["enabled"] if "enabled" in args[0] else pasted_enabled(args)
+    return args[0] if args else False
+
+
+def _is_off(value: Any) -> bool:
+    """Only an explicit off (or nothing) disables quietly; any other non-boolean is an error naming the field."""
+    return value is None or value is False or (isinstance(value, str) and value.strip().lower() == "false")
 
 
 def _pop_infotext(p) -> None:
@@ -115,6 +129,19 @@ def _pop_infotext(p) -> None:
     if isinstance(params, dict):
         for key in ALL_INFOTEXT_KEYS:
             params.pop(key, None)
+        if CFG_SCALE_KEY in params and params[CFG_SCALE_KEY] is None:   # ours, from an earlier X/Y/Z cell
+            del params[CFG_SCALE_KEY]
+
+
+def _notice_if_colorize_model(p) -> None:
+    """Disabled on a ColorizeDiffusion checkpoint: say why the prompt does nothing (only a note; ``p`` is
+    otherwise untouched)."""
+    try:
+        colorize = model.is_colorize_model(getattr(p, "sd_model", None))
+    except Exception:  # noqa: BLE001 - a note must never break a plain generation
+        return
+    if colorize:
+        conflicts.notice(p, NOTICE_DISABLED)
 
 
 def process(p, *args, prepare=None, state_type=None) -> None:
@@ -130,20 +157,24 @@ def process(p, *args, prepare=None, state_type=None) -> None:
     state = (state_type or GenerationState)(is_img2img=is_img2img(p))
     try:
         options = parse_script_args(args, p, is_img2img=state.is_img2img)
-    except Exception as error:  # noqa: BLE001 - reported through p.sample when enabled
-        if not _raw_enabled(args, p):
+    except Exception as error:  # noqa: BLE001 - reported through p.sample unless clearly disabled
+        if _is_off(_enabled_value(args, p)):
             logger.debug("ColorizeDiffusion disabled; ignored unparsable args: %s", error)
+            _notice_if_colorize_model(p)
             return
         state.error = error
         setattr(p, STATE_ATTR, state)
         _wrap_sample(p, state)
         return
     if not options.enabled:
+        _notice_if_colorize_model(p)
         return
     state.options = options
     setattr(p, STATE_ATTR, state)
     _wrap_sample(p, state)
     p.extra_generation_params.update(options_to_infotext(options, _loaded_version(p)))
+    # The webui writes "CFG scale" from p.cfg_scale, which the guidance scales replace: None leaves it out.
+    p.extra_generation_params[CFG_SCALE_KEY] = None
     try:
         (prepare or _prepare)(p, state)
     except Exception as error:  # noqa: BLE001 - raised from p.sample (the runner would swallow it here)
@@ -184,10 +215,6 @@ def _unet_of(p):
 
         sd_model = shared.sd_model
     return sd_model, sd_model.model.diffusion_model
-
-
-def _unet_dtype(unet) -> torch.dtype:
-    return module_dtype(unet)
 
 
 def _prepare(p, state: GenerationState) -> None:
@@ -231,7 +258,7 @@ def prepare_conditioning(state: GenerationState, unet, dtype: Optional[torch.dty
                                                model.encode_text if manipulations else None,
                                                context_dim=_context_dim(unet))
     # the compute device, not the U-Net's parameters' (under --lowvram those wait on the CPU between calls)
-    state.tokens = tokens.to(device=model.compute_device(), dtype=dtype or _unet_dtype(unet))
+    state.tokens = tokens.to(device=model.compute_device(), dtype=dtype or model.unet_input_dtype())
 
 
 # ------------------------------------------------------------------------------------------- p.sample wrapper
@@ -283,7 +310,7 @@ def process_before_every_sampling(p, *args, **kwargs) -> None:
         context.error = state.error
         return
     try:
-        _prepare_pass(p, state, context, kwargs.get("x"))
+        _prepare_pass(p, state, context, kwargs.get("x"), denoiser)
     except Exception as error:  # noqa: BLE001 - raised by the forward / p.sample
         state.release()
         context.error = error
@@ -310,18 +337,42 @@ def batch_seeds(p, batch: int) -> list:
     return seeds
 
 
-def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, x) -> None:
+def _prepare_pass(p, state: GenerationState, context: sampling.SamplingContext, x, denoiser) -> None:
     sd_model, unet = _unet_of(p)
     if x is None:
         raise RuntimeError("ColorizeDiffusion: process_before_every_sampling got no latent")
     from modules import devices
 
+    conflicts.report(p, conflicts.detect(p, unet, denoiser, state.options))
     # x lives where the U-Net computes (also under --lowvram)
     plan, processors = prepare_pass(p, state, x, unet, model.sketch_encoder(sd_model),
                                     lambda image: model.first_stage_posterior(sd_model, image),
                                     vae_dtype=getattr(devices, "dtype_vae", torch.float32),
-                                    device=x.device, dtype=_unet_dtype(unet))
+                                    device=x.device, dtype=model.unet_input_dtype())
     context.plan, context.processors = plan, processors
+
+
+def _pass_sketch(p, options: ColorizeOptions, size: tuple, extractor, *, xl: bool = False):
+    """This pass's sketch (1, 3, H, W) and its box, where the pass's image has its content.
+
+    A hires pass whose size has another aspect ratio than the first pass (hires "Resize width/height to") samples
+    the first pass upscaled with its aspect kept, to ``(hr_upscale_to_y, hr_upscale_to_x)``, then cut to size: the
+    webui drops ``truncate_y // 2`` latent rows at the top and ``truncate_x // 2`` columns at the left. The sketch
+    is laid out on that larger canvas and cut the same way, so its lines stay on the first pass's drawing, and the
+    box is moved with it.
+    """
+    from lib_colorize.preprocess import prepare_sketch, shift_box
+
+    height, width = size
+    rows = int(getattr(p, "truncate_y", 0) or 0) if getattr(p, "is_hr_pass", False) else 0
+    cols = int(getattr(p, "truncate_x", 0) or 0) if getattr(p, "is_hr_pass", False) else 0
+    if rows <= 0 and cols <= 0:
+        return prepare_sketch(options.sketch, options.sketch_mode, size, extractor, xl=xl)
+    rows, cols = max(rows, 0), max(cols, 0)
+    top, left = rows // 2 * LATENT_FACTOR, cols // 2 * LATENT_FACTOR
+    canvas = (height + rows * LATENT_FACTOR, width + cols * LATENT_FACTOR)
+    sketch, box = prepare_sketch(options.sketch, options.sketch_mode, canvas, extractor, xl=xl)
+    return sketch[..., top:top + height, left:left + width], shift_box(box, (left, top), (width, height))
 
 
 def prepare_pass(p, state: GenerationState, x, unet, encoder, vae_encode, *, vae_dtype: torch.dtype,
@@ -329,12 +380,12 @@ def prepare_pass(p, state: GenerationState, x, unet, encoder, vae_encode, *, vae
     """One sampling pass's plan at the size of its latent ``x``, and the processors installed on ``unet``, on any
     host: the sketch (and the injection inputs: ``vae_encode`` maps NCHW [-1, 1] to a posterior) through
     ``encoder``, hints and latents in ``dtype`` on ``device``. Returns ``(plan, processors)``."""
-    from lib_colorize.preprocess import prepare_sketch, reference_for_injection, tensor_to_images
+    from lib_colorize.preprocess import reference_for_injection, tensor_to_images
 
     options, family = state.options, state.info.family
     height, width = int(x.shape[-2]) * 8, int(x.shape[-1]) * 8
     extractor = _extractor(options) if options.sketch_mode == "extract" else None
-    sketch, box = prepare_sketch(options.sketch, options.sketch_mode, (height, width), extractor, xl=family.is_xl)
+    sketch, box = _pass_sketch(p, options, (height, width), extractor, xl=family.is_xl)
     injection_reference = None
     if options.injection and options.reference is not None:
         injection_reference = reference_for_injection(options.reference, (height, width))
@@ -369,8 +420,9 @@ def prepare_pass(p, state: GenerationState, x, unet, encoder, vae_encode, *, vae
                                                 enhance=enhance_plan, hint_blocks=family.hint_blocks).install()
     state.processors = processors
     state.passes += 1
+    state.box, state.box_canvas = box, (width, height)
     if state.first_size is None:
-        state.first_size, state.box = (width, height), box
+        state.first_size = (width, height)
         if options.return_sketch:
             state.sketch_preview = tensor_to_images(sketch)[0]
         if options.return_masks and enhance_plan is not None:
@@ -391,8 +443,8 @@ def postprocess_image(p, pp, *args) -> None:
         return
     from lib_colorize.preprocess import crop_to_box
 
-    scale = pp.image.width / float(state.first_size[0]) if state.first_size else 1.0
-    pp.image = crop_to_box(pp.image, state.box, scale=scale)
+    width, height = state.box_canvas
+    pp.image = crop_to_box(pp.image, state.box, scale=(pp.image.width / width, pp.image.height / height))
 
 
 def postprocess(p, processed, *args) -> None:
@@ -409,9 +461,9 @@ def postprocess(p, processed, *args) -> None:
     extra.extend(state.mask_previews)
     if options.return_heatmap and options.manipulations and options.reference is not None:
         try:
-            from .api import heatmap_for_options
+            from .api import heatmaps_for_options
 
-            extra.append(heatmap_for_options(options))
+            extra.extend(heatmaps_for_options(options))
         except ColorizeError as error:
             print(f"ColorizeDiffusion: no heat map: {error}")
     processed.images.extend(extra)

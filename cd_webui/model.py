@@ -32,12 +32,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
 from lib_colorize.errors import CheckpointError, NotColorizeModel
 from lib_colorize.module_info import module_device
+from lib_colorize.randomness import untouched_global_rng
 from lib_colorize.schedule import ldm_schedule_buffers
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ SETTING_OFFLOAD = "colorize_offload_reference_encoder"
 SETTING_GALLERY = "colorize_extra_gallery_images"
 SETTING_XL_ENCODER_DTYPE = "colorize_xl_encoder_cpu_dtype"
 XL_ENCODER_CPU_DTYPES = ("float32", "bfloat16")
+SETTING_CLIP_PRECISION = "colorize_reference_encoder_precision"
+#: Precision of the OpenCLIP towers: float32 as in the original (these tokens are the whole reference
+#: conditioning, and the towers are offloaded between uses anyway), or the webui's U-Net precision.
+CLIP_PRECISIONS = ("float32", "webui")
 
 #: open_clip architecture of the reference encoder (tests swap in a tiny registered one).
 CLIP_ARCH = "ViT-H-14"
@@ -100,6 +106,11 @@ def on_ui_settings() -> None:
     shared.opts.add_option(SETTING_XL_ENCODER_DTYPE, shared.OptionInfo(
         "float32", "XL models on a CPU-only machine: precision of the reference encoders (CLIP ViT-bigG-14, "
                    "1.8 B parameters; bfloat16 halves their memory)", section=SETTINGS_SECTION, **component))
+    shared.opts.add_option(SETTING_CLIP_PRECISION, shared.OptionInfo(
+        CLIP_PRECISIONS[0], "Precision of the reference encoder (OpenCLIP ViT-H): float32 as in the original, or "
+                            "the webui's (float16 on most GPUs: half the memory, slightly different tokens)",
+        section=SETTINGS_SECTION, **({"component": gr.Radio, "component_args": {"choices": list(CLIP_PRECISIONS)}}
+                                     if component else {})))
 
 
 def models_dir() -> str:
@@ -132,8 +143,11 @@ def _make_resolver(original: Callable) -> Callable:
         if info is not None and state_dict is not None:
             from modules import sd_models_config
 
+            filename = getattr(info, "filename", "")
+            if filename:
+                remember_state_dict(filename, state_dict)  # later "is it ColorizeDiffusion?" reads no file
             if sd_models_config.find_checkpoint_config_near_filename(info) is None:
-                config = config_for_keys(state_dict.keys(), getattr(info, "filename", ""))
+                config = config_for_keys(state_dict.keys(), filename)
                 if config is not None:
                     print(f"ColorizeDiffusion: using {os.path.basename(config)} for {info.filename}")
                     return config
@@ -144,7 +158,8 @@ def _make_resolver(original: Callable) -> Callable:
 
 
 def install_config_resolver() -> None:
-    """Make ColorizeDiffusion checkpoints load with our YAML (idempotent; undone by :func:`uninstall_config_resolver`)."""
+    """Make ColorizeDiffusion checkpoints load with our YAML (idempotent; :func:`uninstall_config_resolver` undoes
+    it)."""
     from modules import sd_models_config
 
     current = sd_models_config.find_checkpoint_config
@@ -173,22 +188,57 @@ def file_key(path: str) -> tuple:
     return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
-_info_cache: dict = {}
+#: Key tables of checkpoint files by ``(path, mtime, size)`` (a CheckpointError when the file cannot be read):
+#: whether a file is ColorizeDiffusion is decided from its keys once per file version, never by loading it.
+_key_tables: "OrderedDict[tuple, object]" = OrderedDict()
+KEY_TABLE_CACHE_SIZE = 32
 
 
-def checkpoint_info(path: str):
-    """:func:`lib_colorize.checkpoint.inspect_checkpoint` (header only), cached by file key."""
-    from lib_colorize.checkpoint import inspect_checkpoint
+def _remember_key_table(key: tuple, table: object) -> None:
+    with _lock:
+        _key_tables[key] = table
+        _key_tables.move_to_end(key)
+        while len(_key_tables) > KEY_TABLE_CACHE_SIZE:
+            _key_tables.popitem(last=False)
+
+
+def key_table(path: str) -> dict:
+    """The file's key table (:func:`lib_colorize.checkpoint.read_key_table`: the safetensors header, or a pickle's
+    object tree without its tensors), cached by file key."""
+    from lib_colorize import checkpoint
 
     key = file_key(path)
     with _lock:
-        cached = _info_cache.get(key)
-    if cached is None:
-        cached = inspect_checkpoint(path)
-        with _lock:
-            _info_cache.clear()
-            _info_cache[key] = cached
-    return cached
+        table = _key_tables.get(key)
+    if table is None:
+        try:
+            table = checkpoint.read_key_table(path)
+        except CheckpointError as error:
+            table = error
+        _remember_key_table(key, table)
+    if isinstance(table, CheckpointError):
+        raise table
+    return table
+
+
+def remember_state_dict(path: str, state_dict) -> None:
+    """Record the key table of a state dict the webui has just loaded from ``path`` (no file read)."""
+    from lib_colorize.checkpoint import key_table_of
+
+    try:
+        key = file_key(path)
+    except OSError:
+        return
+    table = key_table_of(state_dict)
+    if table is not None:
+        _remember_key_table(key, table)
+
+
+def checkpoint_info(path: str):
+    """:func:`lib_colorize.checkpoint.info_from_key_table` of the file's cached :func:`key_table`."""
+    from lib_colorize.checkpoint import info_from_key_table
+
+    return info_from_key_table(path, key_table(path))
 
 
 def require_colorize_model(sd_model=None):
@@ -202,6 +252,20 @@ def require_colorize_model(sd_model=None):
     except CheckpointError as error:
         raise NotColorizeModel(f"ColorizeDiffusion is enabled but the selected checkpoint "
                                f"{os.path.basename(path)} cannot be used: {error.problem}") from None
+
+
+#: "Use sketch size" without a ColorizeDiffusion checkpoint loaded: the v1 size.
+DEFAULT_NATIVE_SIZE = 512
+
+
+def native_size() -> int:
+    """Native side (pixels) of the loaded checkpoint, for "Use sketch size": 512 for v1/v1.5, 768 for v2."""
+    try:
+        sd_model = getattr(_shared(), "sd_model", None)
+        path = checkpoint_path(sd_model)
+        return checkpoint_info(path).native_size if path and os.path.isfile(path) else DEFAULT_NATIVE_SIZE
+    except (CheckpointError, OSError):
+        return DEFAULT_NATIVE_SIZE
 
 
 # ---------------------------------------------------------------------------------------------------- schedule
@@ -252,6 +316,20 @@ def compute_dtype() -> torch.dtype:
     if compute_device().type == "cpu":
         return torch.float32
     return devices.dtype_unet
+
+
+def unet_input_dtype() -> torch.dtype:
+    """The dtype the webui computes its U-Net in (``devices.dtype_unet``: float16, or float32 with --no-half), for
+    the reference tokens, sketch hints and injection latents. Not the U-Net's parameters' dtype: the "FP8 weight"
+    setting stores those in float8, and the webui still runs in ``dtype_unet``."""
+    from modules import devices
+
+    return devices.dtype_unet
+
+
+def clip_dtype() -> torch.dtype:
+    """The OpenCLIP towers' dtype: float32 unless the setting asks for the webui's precision."""
+    return compute_dtype() if setting(SETTING_CLIP_PRECISION, CLIP_PRECISIONS[0]) == "webui" else torch.float32
 
 
 def make_room_on_gpu() -> None:
@@ -457,15 +535,20 @@ def _load_clip_towers(towers: Sequence[str]) -> None:
         if _clip["path"] != path:
             _clip.update(path=path, visual=None, text=None)
         missing = [t for t in towers if _clip[t] is None]
+        dtype = clip_dtype()
+        for tower in towers:
+            if _clip[tower] is not None:
+                _clip[tower].to(dtype=dtype)   # the setting may have changed since it was loaded
         if not missing:
             return
         print(f"ColorizeDiffusion: loading OpenCLIP {CLIP_ARCH} ({', '.join(missing)}) from {path}")
-        loaded = clip.load_clip(CLIP_ARCH, weights=path, device="cpu", dtype=torch.float32, towers=missing)
+        with untouched_global_rng():   # building the towers initialises weights from the global RNG
+            loaded = clip.load_clip(CLIP_ARCH, weights=path, device="cpu", dtype=torch.float32, towers=missing)
         if loaded.reference is not None:
-            loaded.reference.to(dtype=compute_dtype())
+            loaded.reference.to(dtype=dtype)
             _clip["visual"] = loaded.reference
         if loaded.text is not None:
-            loaded.text.to(dtype=compute_dtype())
+            loaded.text.to(dtype=dtype)
             _clip["text"] = loaded.text
 
 
@@ -487,7 +570,7 @@ class _EncoderOnDevice:
         self.encoder = encoder
         self.offload = offload
         self.instance_id = getattr(encoder, "instance_id", id(encoder))
-        self._probe = torch.empty(0, dtype=compute_dtype(), device=compute_device())
+        self._probe = torch.empty(0, dtype=clip_dtype(), device=compute_device())
 
     def parameters(self):
         yield self._probe
@@ -545,7 +628,7 @@ def count_tokens(text: str) -> int:
 def clear_caches(*, clip_too: bool = False) -> None:
     with _lock:
         _sketch_cache.clear()
-        _info_cache.clear()
+        _key_tables.clear()
         _xl.update(key=None, encoder=None)
         _xlv2.update(key=None, loras=None)
         if clip_too:
@@ -567,31 +650,39 @@ def on_model_loaded(sd_model) -> None:
     with _lock:
         if _xl["key"] is not None and _xl["key"][0] != key:
             _xl.update(key=None, encoder=None)
-    used_config = os.path.abspath(str(getattr(sd_model, "used_config", "") or ""))
-    if used_config in {os.path.abspath(c) for c in CONFIGS.values()} or _is_colorize_file(path):
+    if is_colorize_model(sd_model):
         repair_schedule(sd_model)
-        if _is_colorize_file(path) and not _has_text_encoder(path):
+        if path and not _has_text_encoder(path):
             clear_text_encoder(sd_model)
+
+
+def is_colorize_model(sd_model=None) -> bool:
+    """Whether the loaded model is a ColorizeDiffusion checkpoint: it was built with our config, or its file's
+    (cached) key table says so. Reads no tensor data."""
+    sd_model = sd_model if sd_model is not None else getattr(_shared(), "sd_model", None)
+    used_config = os.path.abspath(str(getattr(sd_model, "used_config", "") or ""))
+    ours = {os.path.abspath(c) for c in (*CONFIGS.values(), *XL_CONFIGS.values())}
+    return used_config in ours or _is_colorize_file(checkpoint_path(sd_model))
 
 
 def _has_text_encoder(path: str) -> bool:
     """Whether the file carries ``cond_stage_model.*`` tensors (released ColorizeDiffusion files do not)."""
-    from lib_colorize.checkpoint import read_safetensors_header
-
-    if not path.lower().endswith(".safetensors"):
-        return True  # unknown without reading a pickle; leave the webui's model alone
     try:
-        return any(key.startswith("cond_stage_model.") for key in read_safetensors_header(path))
-    except CheckpointError:
-        return True
+        return any(key.startswith("cond_stage_model.") for key in key_table(path))
+    except (CheckpointError, OSError):
+        return True  # unknown: leave the webui's model alone
 
 
 def clear_text_encoder(sd_model) -> bool:
-    """Zero the parameters of the webui's text encoder when the checkpoint has none.
+    """Give the webui's text encoder constant weights when the checkpoint has none: zeros, except every LayerNorm
+    bias, which is 1.
 
     The webui builds the (unused) OpenCLIP text tower with weight initialisation disabled, so the tensors the file
     does not provide keep whatever memory ``torch.empty`` returned: prompt conds then differ from one start to the
-    next and may hold NaN. ColorizeDiffusion never uses them; zeros make them finite and reproducible.
+    next and may hold NaN. ColorizeDiffusion never uses them. With zero weights every layer passes zeros on, and
+    the last LayerNorm turns them into its bias: the cond is 1 everywhere. It must not be 0: the webui's default
+    emphasis rescales the cond by ``mean(z) / mean(z · multipliers)``, which is 0/0 for a zero cond (NaN, a black
+    image). With 1 every emphasis mode gives finite conds.
     """
     cond_stage = getattr(sd_model, "cond_stage_model", None)
     if cond_stage is None or next(cond_stage.parameters(), None) is None:
@@ -600,7 +691,12 @@ def clear_text_encoder(sd_model) -> bool:
         for parameter in cond_stage.parameters():
             if not parameter.is_meta:
                 parameter.zero_()
-    print("ColorizeDiffusion: the checkpoint has no text encoder (not used by ColorizeDiffusion); set it to zeros")
+        for module in cond_stage.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(module, torch.nn.LayerNorm) and isinstance(bias, torch.Tensor) and not bias.is_meta:
+                bias.fill_(1.0)
+    print("ColorizeDiffusion: the checkpoint has no text encoder (not used by ColorizeDiffusion); gave it constant "
+          "weights (prompts have no effect with this checkpoint)")
     return True
 
 

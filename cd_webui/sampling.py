@@ -8,8 +8,9 @@ sampling pass, so nothing has to be restored) our :func:`colorize_forward`. It k
    (DDIM, PLMS, UniPC) ``sigma`` already *is* the timestep;
 3. img2img/inpaint mask blending exactly as the webui: before denoising when ``mask_before_denoising``
    (timestep samplers), else after, each time through the scripts' ``on_mask_blend``;
-4. ``cfg_denoiser`` / ``cfg_denoised`` / ``cfg_after_cfg`` callbacks; ``sampler.last_latent`` and the live preview
-   (``store_latent``); ``self.step += 1``.
+4. ``cfg_denoiser`` / ``cfg_denoised`` / ``cfg_after_cfg`` callbacks; ``sampler.last_latent`` (the guided x0) and
+   the live preview (``store_latent``) of what ``opts.live_preview_content`` asks for (:func:`preview_latent`);
+   ``self.step += 1``.
 
 The guidance itself is :func:`lib_colorize.denoiser.guided_call`, shared with the host-free pipeline, over
 ``inner_model(x_in, sigma_in, ctx) = self.inner_model(x_in, sigma_in, cond={"c_crossattn": [ctx], "c_concat":
@@ -26,7 +27,8 @@ from typing import Any, Optional
 
 import torch
 
-from lib_colorize.denoiser import GenerationPlan, guided_call, sigma_noised_reference
+from lib_colorize.denoiser import GenerationPlan, guided_call, k_noised_reference
+from lib_colorize.guidance import COND, REF_DROPPED, SKETCH_DROPPED
 from lib_colorize.processors import ProcessorSet
 
 
@@ -81,7 +83,7 @@ def make_noised_reference(denoiser):
             a = alphas[index].to(device=latent.device, dtype=torch.float32).view(-1, 1, 1, 1)
             return (a.sqrt() * latent.float() + (1 - a).sqrt() * noise.float()).to(latent.dtype)
     else:
-        noised = sigma_noised_reference
+        noised = k_noised_reference(denoiser.inner_model.sigmas, denoiser.inner_model.sigma_to_t)
     return noised
 
 
@@ -167,17 +169,19 @@ def colorize_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, ima
     x, image_cond, sigma = params.x, params.image_cond, params.sigma
 
     batch_together = bool(getattr(shared.opts, "batch_cond_uncond", True))
+    by_role: dict = {}
     with torch.no_grad():
         noised_reference = make_noised_reference(self) if plan.injection is not None else None
         denoised = guided_call(plan, ctx.processors, _InnerModel(self, image_cond), x, sigma,
                                timestep_of(self, sigma), noised_reference=noised_reference,
-                               batch_together=batch_together, observe=_cfg_denoised(self))
+                               batch_together=batch_together, observe=_cfg_denoised(self), outputs_out=by_role)
 
     if not self.mask_before_denoising and self.mask is not None:
         denoised = _blend(self, denoised, sigma)
 
     self.sampler.last_latent = self.get_pred_x0(x, denoised, sigma)
-    sd_samplers_common.store_latent(self.sampler.last_latent)
+    sd_samplers_common.store_latent(preview_latent(self, x, sigma, by_role, self.sampler.last_latent,
+                                                   getattr(shared.opts, "live_preview_content", "Prompt")))
 
     after = script_callbacks.AfterCFGCallbackParams(denoised, state.sampling_step, state.sampling_steps)
     script_callbacks.cfg_after_cfg_callback(after)
@@ -185,6 +189,23 @@ def colorize_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, ima
 
     self.step += 1
     return denoised
+
+
+#: The rows the webui's "Negative prompt" preview shows: the unconditional rows of the mode (the reference-dropped
+#: ones first, as in the webui's uncond block), or the cond rows when the mode has none.
+NEGATIVE_PREVIEW_ROLES = (REF_DROPPED, SKETCH_DROPPED, COND)
+
+
+def preview_latent(denoiser, x: torch.Tensor, sigma: torch.Tensor, outputs_by_role: dict,
+                   combined: torch.Tensor, content: str) -> torch.Tensor:
+    """The live preview's latent by the webui's ``live_preview_content``: "Prompt" the x0 of the full-condition
+    rows ``c``, "Negative prompt" that of the unconditional rows, "Combined" (anything else) the guided x0."""
+    if content == "Prompt":
+        return denoiser.get_pred_x0(x, outputs_by_role[COND], sigma)
+    if content == "Negative prompt":
+        role = next(r for r in NEGATIVE_PREVIEW_ROLES if r in outputs_by_role)
+        return denoiser.get_pred_x0(x, outputs_by_role[role], sigma)
+    return combined
 
 
 def bind(denoiser, context: SamplingContext) -> None:

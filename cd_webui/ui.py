@@ -23,6 +23,9 @@ is also the positional API (``alwayson_scripts.ColorizeDiffusion.args``); it onl
 43-58 style_enhance ... return_masks  the enhance section (:mod:`cd_webui.enhance_ui`, args.ENHANCE_SLOTS)
 59-62 sketch_strength_1 .. 4          Sliders (XL models)
 63    sketch_rope                     Radio cos / rotation (XL models)
+64    infotext_enabled                Checkbox (hidden): ``enabled`` as pasted from an infotext (see args)
+65-73 form.target, form.anchor, form.control, form.scale, form.enhance, form.thresholds[0..3]
+                                      the manipulation form
 ====  ==============================  =================================================================
 
 The accordion adapts to the selected checkpoint (:func:`visibility_for`): the XL rows show only for the XL
@@ -30,8 +33,10 @@ models; the 16 per-layer sliders, the middle level scale, text manipulation and 
 models (sdxl also hides the low level scale). It updates when the accordion is opened and when the checkpoint
 list changes (:func:`bind_checkpoint_dropdown`).
 
-The manipulation form (target / anchor / control prompts, target scale, enhance, thresholds) only feeds the
-"Add" and "Visualize" buttons: a group takes effect once it is in the sequence textbox.
+The manipulation form (target / anchor / control prompts, target scale, enhance, thresholds) is the group being
+edited. As in the original app it takes effect when its target prompt is not empty: it runs after the groups of
+the sequence. "Add" moves it into the sequence (and empties it); "Visualize" shows what its control prompt selects.
+Pasting a ColorizeDiffusion infotext empties the form's target, so the pasted sequence runs as it was.
 
 ``build_ui`` has no side effects beyond the components and their events (the webui calls ``ui()`` several
 times per tab). It sets ``script.infotext_fields`` and ``script.paste_field_names``.
@@ -51,8 +56,9 @@ from lib_colorize.options import (DEFAULT_THRESHOLDS, FIELD_BY_NAME, LEVEL_NAMES
                                   parse_manipulation, parse_manipulations)
 from modules.ui_components import InputAccordion
 
-from .args import (ACCURATE_SLOT, LAYER_NAMES, LAYER_SLOTS, LEVEL_LABELS, LEVEL_SLOTS, MANIPULATIONS_SLOT,
-                   SCALE_RANGE, UI_ORDER, USE_INIT_IMAGE_SLOT)
+from . import model
+from .args import (ACCURATE_SLOT, FORM_SLOTS, FORM_TARGET_SLOT, INFOTEXT_ENABLED_SLOT, LAYER_NAMES, LAYER_SLOTS,
+                   LEVEL_LABELS, LEVEL_SLOTS, MANIPULATIONS_SLOT, SCALE_RANGE, UI_ORDER, USE_INIT_IMAGE_SLOT)
 
 __all__ = ["build_ui", "NOTICE", "PASTE_FUNCTIONS", "TEXT_PASTE_SLOTS", "slot_elem_id", "add_manipulation",
            "visualize"]
@@ -61,8 +67,11 @@ TITLE = "ColorizeDiffusion"
 NOTICE = ("While ColorizeDiffusion is enabled, the reference and sketch guidance scales replace the webui's "
           "CFG scale, and the prompt and negative prompt have no effect. It needs a ColorizeDiffusion "
           "checkpoint selected as the Stable Diffusion checkpoint.")
-SEQUENCE_INFO = ("One manipulation group per line, applied in order; edit freely. Only the groups listed here "
-                 "are used: fill the form above and press Add.")
+SEQUENCE_INFO = ("One manipulation group per line, applied in order; edit freely. The form above runs after these "
+                 "groups while its target prompt is not empty; Add moves it here.")
+FORM_NOTE = ("The group in this form is used too while its target prompt is filled in, after the sequence below. "
+             "Add moves it into the sequence.")
+INIT_SKETCH_NOTE = "The sketch is the img2img init image above (\"Use init image as sketch\" is on)."
 TARGET_SCALE = (0.0, 15.0, 0.25)
 THRESHOLD_RANGE = (0.01, 0.99, 0.01)
 HEATMAP_HEIGHT = 320
@@ -77,6 +86,8 @@ TEXT_PASTE_SLOTS = tuple(spec.name for spec in FIELD_BY_INFOTEXT.values()
 #: Slots that never come from an infotext (images, display options), but travel with "Send to img2img".
 _CARRY_ONLY_SLOTS = ("sketch", "reference", "return_sketch", "return_heatmap",
                      "background", "sketch_mask", "reference_mask", "return_masks")
+#: Slots outside the infotext and "Send to": the img2img switch and the form (only its target is emptied).
+_UNPASTED_SLOTS = (USE_INIT_IMAGE_SLOT,) + tuple(slot for slot in FORM_SLOTS if slot != FORM_TARGET_SLOT)
 
 
 # ------------------------------------------------------------------------------------- paste functions
@@ -90,6 +101,10 @@ def _slot_value(values: dict, slot: str) -> Any:
         return float(layers[LAYER_SLOTS.index(slot)]) if layers is not None else 1.0
     if slot == MANIPULATIONS_SLOT:
         return format_manipulation_sequence(parse_manipulations(values["manipulations"]))
+    if slot == INFOTEXT_ENABLED_SLOT:
+        return values["enabled"]
+    if slot == FORM_TARGET_SLOT:
+        return ""           # the infotext's groups are all in its sequence
     return values[slot]
 
 
@@ -98,7 +113,7 @@ def _make_paste_function(slot: str) -> Callable[[dict], Any]:
         if slot in _CARRY_ONLY_SLOTS:
             return None
         if not has_colorize_params(params):
-            return False if slot == "enabled" else None       # a plain SD infotext switches us off
+            return False if slot in ("enabled", INFOTEXT_ENABLED_SLOT) else None  # a plain SD infotext: off
         try:
             return _slot_value(infotext_to_values(params, strict=False), slot)
         except ColorizeError:
@@ -112,7 +127,7 @@ def _make_paste_function(slot: str) -> Callable[[dict], Any]:
 #: ``paste_field_names`` against these objects when "Send to img2img" copies values across tabs.
 PASTE_FUNCTIONS: dict[str, Callable[[dict], Any]] = {
     slot: _make_paste_function(slot) for slot in UI_ORDER
-    if slot != USE_INIT_IMAGE_SLOT and slot not in TEXT_PASTE_SLOTS
+    if slot not in _UNPASTED_SLOTS and slot not in TEXT_PASTE_SLOTS
 }
 
 
@@ -127,8 +142,12 @@ def _group_from_form(target, anchor, control, scale, enhance, t0, t1, t2, t3):
 
 
 def add_manipulation(sequence, target, anchor, control, scale, enhance, t0, t1, t2, t3):
-    """"Add": append the form's group to the sequence (validated) and clear the form's prompts."""
+    """"Add": append the form's group to the sequence (validated) and clear the form's prompts. A form without a
+    target prompt is refused (it would add a group that changes nothing useful)."""
     try:
+        if not (target or "").strip():
+            raise InvalidInput("manipulations", "the form's target prompt is empty: type what the selected regions "
+                                                "should become (e.g. 'red hair'), then press Add")
         existing = parse_manipulation_sequence(sequence or "")
         if len(existing) >= MAX_MANIPULATIONS:
             raise InvalidInput("manipulations", f"the sequence already holds {MAX_MANIPULATIONS} groups, the most "
@@ -261,9 +280,13 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
             host_components, host_fields = host_controls(script, is_img2img)
 
         with gr.Row(elem_classes="cd-images"):
-            c["sketch"] = gr.Image(label="Sketch (line art)", type="pil", source="upload", image_mode="RGBA",
+            # image_mode None: gradio hands over the image as PIL opened it (16-bit grey, palette, alpha), and
+            # lib_colorize.images.decode_image converts it by the same rules as API and command-line images
+            c["sketch"] = gr.Image(label="Sketch (line art)", type="pil", source="upload", image_mode=None,
                                    height=IMAGE_HEIGHT, elem_id=slot_elem_id(script, "sketch"), elem_classes="cd-image")
-            c["reference"] = gr.Image(label="Reference", type="pil", source="upload", image_mode="RGBA",
+            init_note = gr.HTML(f'<p class="cd-notice">{INIT_SKETCH_NOTE}</p>', visible=False,
+                                elem_id=script.elem_id("init_sketch_note"), elem_classes="cd-image")
+            c["reference"] = gr.Image(label="Reference", type="pil", source="upload", image_mode=None,
                                       height=IMAGE_HEIGHT, elem_id=slot_elem_id(script, "reference"),
                                       elem_classes="cd-image")
         with gr.Row(elem_classes="cd-image-tools"):
@@ -273,8 +296,14 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
                 "Colorize the img2img init image instead of the sketch above.")
             size_button = gr.Button("Use sketch size", size="sm", elem_id=script.elem_id("use_sketch_size"),
                                     elem_classes="cd-size-button")
-            _tooltip(size_button, "Set width and height to the sketch's aspect ratio (about 512 x 512 pixels, "
-                                  "multiples of 64; XL models: about 1024 x 1024, multiples of 32).")
+            _tooltip(size_button, "Set width and height to the sketch's aspect ratio at the loaded model's native "
+                                  "size (512 x 512 pixels for v1 and v1.5, 768 x 768 for v2; multiples of 64; XL "
+                                  "models: the XL app's autofit, about 1024 x 1024, multiples of 32). With \"Use "
+                                  "init image as sketch\", the init image's.")
+            native = gr.Number(value=model.DEFAULT_NATIVE_SIZE, visible=False, precision=0,
+                               elem_id=script.elem_id("native_size"))
+            c[INFOTEXT_ENABLED_SLOT] = gr.Checkbox(False, visible=False,
+                                                   elem_id=slot_elem_id(script, INFOTEXT_ENABLED_SLOT))
 
         mode = FIELD_BY_NAME["sketch_mode"]
         extractor = FIELD_BY_NAME["line_extractor"]
@@ -340,6 +369,7 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
 
         with gr.Accordion("Text manipulation", open=False, visible=shown["manipulation_accordion"],
                           elem_id=script.elem_id("manipulation_accordion")) as parts["manipulation_accordion"]:
+            gr.HTML(f'<p class="cd-notice">{FORM_NOTE}</p>', elem_id=script.elem_id("form_note"))
             with gr.Row():
                 target = gr.Textbox(label="Target prompt", placeholder="none", lines=1,
                                     elem_id=script.elem_id("target_prompt"))
@@ -391,15 +421,20 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
     c["injection"].change(fn=lambda on: [gr.update(visible=bool(on))] * len(injection_sliders),
                           inputs=[c["injection"]], outputs=injection_sliders, show_progress=False)
     form = [target, anchor, control, scale, enhance, *thresholds]
+    c.update(zip(FORM_SLOTS, form))
     add_button.click(fn=add_manipulation, inputs=[c[MANIPULATIONS_SLOT], *form],
                      outputs=[c[MANIPULATIONS_SLOT], target, anchor, control], show_progress=False)
     clear_button.click(fn=lambda: "", inputs=[], outputs=[c[MANIPULATIONS_SLOT]], show_progress=False)
     visualize_button.click(fn=visualize, inputs=[c["reference"], c[MANIPULATIONS_SLOT], control, *thresholds],
                            outputs=[heatmap])
+    c[USE_INIT_IMAGE_SLOT].change(fn=lambda on: [gr.update(visible=not on), gr.update(visible=bool(on))],
+                                  inputs=[c[USE_INIT_IMAGE_SLOT]], outputs=[c["sketch"], init_note],
+                                  show_progress=False)
     tab = _tab_name(script, is_img2img)
-    size_button.click(fn=None, inputs=None, outputs=None,
-                      _js=f"function(){{ colorizeDiffusionUseSketchSize('{tab}', "
-                          f"'{slot_elem_id(script, 'sketch')}', '{script.elem_id('xl_row')}'); return []; }}")
+    size_button.click(fn=model.native_size, inputs=[], outputs=[native], show_progress=False).then(
+        fn=None, inputs=[native, c[USE_INIT_IMAGE_SLOT]], outputs=None,
+        _js=f"function(native, useInit){{ colorizeDiffusionUseSketchSize('{tab}', "
+            f"'{slot_elem_id(script, 'sketch')}', native, useInit, '{script.elem_id('xl_row')}'); return []; }}")
 
     adaptive = [parts[part] for part, _ in ADAPTIVE_PARTS]
     enabled.change(fn=lambda _on: visibility_for(selected_version()), inputs=[enabled], outputs=adaptive,
@@ -407,7 +442,7 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
     script.cd_adaptive_parts = adaptive
 
     # ---------------------------------------------------------------------------------- infotext / paste
-    script.infotext_fields = [(c[slot], _paste_target(slot)) for slot in UI_ORDER if slot != USE_INIT_IMAGE_SLOT]
+    script.infotext_fields = [(c[slot], _paste_target(slot)) for slot in UI_ORDER if slot not in _UNPASTED_SLOTS]
     script.infotext_fields += list(host_fields)
     script.paste_field_names = [target for _, target in script.infotext_fields]
     return [c[slot] for slot in UI_ORDER] + list(host_components)

@@ -1,26 +1,30 @@
 """Inspect and load released ColorizeDiffusion checkpoints (method §1.3, §1.4, §11; method-xl §1.3-1.5).
 
-* :func:`inspect_checkpoint` reads only the key table (safetensors header) and decides the model version from the
-  keys (cross-checked with the file-name prefix) and the parameterization (eps / v). XL files (``sdxl``,
-  ``xlv2``) are recognised by their keys (the multi-scale sketch encoder, the ``proj.*`` projector, the 512-wide
-  ``label_emb``); their variant comes from the file name as in the original app (method-xl §1.3), checked
-  against the keys (an ``xlv2`` file must carry its ReferenceNet ``bg_encoder.*``).
+* :func:`inspect_checkpoint` reads only the key table (:func:`read_key_table`: the safetensors header, or the
+  pickle's object tree without its tensor data) and decides the model version from the keys (cross-checked with the
+  file-name prefix) and the parameterization (eps / v). XL files (``sdxl``, ``xlv2``) are recognised by their keys
+  (the multi-scale sketch encoder, the ``proj.*`` projector, the 512-wide ``label_emb``); their variant comes from
+  the file name as in the original app (method-xl §1.3), checked against the keys (an ``xlv2`` file must carry its
+  ReferenceNet ``bg_encoder.*``).
 * :func:`load_checkpoint` builds the U-Net, VAE and sketch encoder with dimensions inferred from the weights and
   fills them with exactly the tensors they need (other tensors are never read). Extra modules of v1.5/v2 (LoRA,
   ``transformer``, ``thresh_embedder``, ``warp_modules``, ``style_modules``, ``bg_encoder``, ``style_encoder``) and
   the schedule buffers are accepted and ignored.
-* ``.ckpt`` / ``.pt`` / ``.pth`` files are read with ``torch.load(weights_only=True)`` only: pickles that need
-  arbitrary code are refused.
+* ``.ckpt`` / ``.pt`` / ``.pth`` files: their key table comes from the pickle alone (storages are never read
+  for it); tensors are read with ``torch.load(weights_only=True)``, memory-mapped for the zip format, so only the
+  tensors taken are read from disk. Pickles that need arbitrary code are refused, without running it.
 
 Every user-fixable problem raises :class:`~lib_colorize.errors.CheckpointError` naming the file.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -101,6 +105,13 @@ class CheckpointInfo:
         from .family import family_of
 
         return family_of(self.version)
+
+    @property
+    def native_size(self) -> int:
+        """Side of the square the model was trained at (pixels; :data:`lib_colorize.family.NATIVE_SIZES`)."""
+        from .family import NATIVE_SIZES
+
+        return NATIVE_SIZES.get(self.version, 512)
 
 
 @dataclass
@@ -319,43 +330,168 @@ def _open_safetensors(path: str) -> _TensorSource:
                          close=handle.close)
 
 
-def _torch_load_weights_only(path: str) -> Dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``; unwraps a top-level ``state_dict``; refuses code-executing pickles."""
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(path, "file not found") from None
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            path, "refused: this pickle file cannot be loaded without running arbitrary code (torch.load with "
-                  "weights_only=True rejected it), so it was not loaded; convert it to .safetensors with a trusted "
-                  "tool or use a .safetensors release "
-                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    except Exception as exc:  # zipfile errors, EOFError, RuntimeError for truncated/corrupt files
-        raise CheckpointError(path, f"cannot read the file as a torch checkpoint (truncated or corrupt: "
-                                    f"{type(exc).__name__}: {exc})") from None
+_REFUSED = ("refused: this pickle file cannot be loaded without running arbitrary code (it holds {what}, and a "
+            "checkpoint may only hold tensors), so it was not loaded; convert it to .safetensors with a trusted tool "
+            "or use a .safetensors release")
+_STORAGE_DTYPES = {"FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16", "DoubleStorage": "F64",
+                   "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
+                   "ByteStorage": "U8", "BoolStorage": "BOOL", "UntypedStorage": "U8"}
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+
+
+class _StorageType:
+    """A storage class named in a pickle (``torch.FloatStorage``...), by its safetensors dtype name."""
+
+    def __init__(self, name: str):
+        self.dtype = _STORAGE_DTYPES.get(name, name)
+
+
+def _info_of(storage, size) -> TensorInfo:
+    return TensorInfo(getattr(storage, "dtype", "?"), tuple(int(s) for s in size))
+
+
+#: What the tensor-rebuilding globals of a torch pickle become while its key table is read: shape records.
+_KEY_TABLE_GLOBALS: Dict[str, Callable] = {
+    "collections.OrderedDict": dict,
+    "torch._utils._rebuild_tensor_v2": lambda storage, offset, size, *rest: _info_of(storage, size),
+    "torch._utils._rebuild_tensor": lambda storage, offset, size, *rest: _info_of(storage, size),
+    "torch._utils._rebuild_parameter": lambda data, *rest: data,
+    "torch._utils._rebuild_parameter_with_state": lambda data, *rest: data,
+    "torch._utils._rebuild_meta_tensor_no_storage": lambda dtype, size, *rest: TensorInfo(
+        _TORCH_DTYPE_NAMES.get(dtype, str(dtype)), tuple(int(s) for s in size)),
+    "torch._tensor._rebuild_from_type_v2": lambda func, new_type, args, state: func(*args),
+    "torch.serialization._get_layout": lambda name: name,
+    "torch.Size": tuple,
+}
+
+
+class _Refused(Exception):
+    """The pickle needs a global (or a persistent object) that a checkpoint may not hold."""
+
+
+class _KeyTableUnpickler(pickle.Unpickler):
+    """Reads the object tree of a torch pickle with every tensor replaced by its :class:`TensorInfo`.
+
+    Storages are never read (``persistent_load`` returns their dtype only). Globals are restricted to those that
+    ``torch.load(weights_only=True)`` allows, each replaced by a shape record: no other code can run.
+    """
+
+    def find_class(self, module: str, name: str):
+        full = f"{module}.{name}"
+        if full in _KEY_TABLE_GLOBALS:
+            return _KEY_TABLE_GLOBALS[full]
+        if module == "torch" and name.endswith("Storage"):
+            return _StorageType(name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise _Refused(f"the global {full}")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
+            raise _Refused(f"an unknown persistent id {pid!r}")
+        storage_type = pid[1]
+        return storage_type if isinstance(storage_type, _StorageType) else _StorageType(str(storage_type))
+
+
+def _unpickle_key_table(handle) -> object:
+    return _KeyTableUnpickler(handle).load()
+
+
+def _pickle_object_tree(path: str) -> object:
+    """The top-level object of a torch pickle (zip or legacy format) with tensors as :class:`TensorInfo`."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if not names:
+                raise ValueError("the zip archive has no data.pkl (not a torch checkpoint)")
+            with archive.open(names[0]) as handle:
+                return _unpickle_key_table(handle)
+    with open(path, "rb") as handle:
+        if _unpickle_key_table(handle) != _LEGACY_MAGIC:
+            raise ValueError("not a torch checkpoint (no torch.save magic number)")
+        _unpickle_key_table(handle)   # protocol version
+        _unpickle_key_table(handle)   # system info
+        return _unpickle_key_table(handle)
+
+
+def _state_dict_of(path: str, obj: object) -> Mapping:
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, f"not a checkpoint: the file holds a {type(obj).__name__}, not a state dict")
-    return {str(k): v for k, v in obj.items() if torch.is_tensor(v)}
+    return obj
+
+
+def read_pickle_key_table(path: "str | os.PathLike[str]") -> Dict[str, TensorInfo]:
+    """Key -> :class:`TensorInfo` of a ``.ckpt``/``.pt``/``.pth``/``.bin`` file without reading its tensor data.
+
+    Only the pickled object tree is read (``data.pkl`` of the zip format, or the legacy format's leading
+    pickle); the storages that follow are not. A top-level ``state_dict`` is unwrapped. Pickles that need any
+    global beyond what ``torch.load(weights_only=True)`` allows are refused without running it.
+    """
+    path = _fspath(path)
+    try:
+        obj = _pickle_object_tree(path)
+    except FileNotFoundError:
+        raise CheckpointError(path, "file not found") from None
+    except _Refused as exc:
+        raise CheckpointError(path, _REFUSED.format(what=exc)) from None
+    except Exception as exc:  # zipfile errors, EOFError, ValueError for truncated/corrupt files
+        raise CheckpointError(path, f"cannot read the file as a torch checkpoint (truncated or corrupt: "
+                                    f"{type(exc).__name__}: {exc})") from None
+    return {str(k): v for k, v in _state_dict_of(path, obj).items() if isinstance(v, TensorInfo)}
+
+
+def _torch_load_weights_only(path: str) -> Dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``, memory-mapped where the format allows it (only the tensors used are then
+    read from disk); unwraps a top-level ``state_dict``; refuses code-executing pickles."""
+    kwargs = {"mmap": True} if zipfile.is_zipfile(path) and "mmap" in inspect.signature(torch.load).parameters \
+        else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise CheckpointError(path, "file not found") from None
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(path, _REFUSED.format(what=str(exc).splitlines()[0] if str(exc) else "an object")
+                              ) from None
+    except Exception as exc:  # zipfile errors, EOFError, RuntimeError for truncated/corrupt files
+        raise CheckpointError(path, f"cannot read the file as a torch checkpoint (truncated or corrupt: "
+                                    f"{type(exc).__name__}: {exc})") from None
+    return {str(k): v for k, v in _state_dict_of(path, obj).items() if torch.is_tensor(v)}
 
 
 def _open_pickle(path: str) -> _TensorSource:
-    tensors = _torch_load_weights_only(path)
-    infos = {k: TensorInfo(_TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for k, t in tensors.items()}
-    return _TensorSource(path, infos, tensors.__getitem__, close=tensors.clear)
+    """The key table from the pickle alone; the tensors are loaded (memory-mapped) on the first read."""
+    infos = read_pickle_key_table(path)
+    loaded: Dict[str, torch.Tensor] = {}
+
+    def get(key: str) -> torch.Tensor:
+        if not loaded:
+            loaded.update(_torch_load_weights_only(path))
+        return loaded[key].clone()   # a copy: nothing keeps the memory map open after close()
+
+    return _TensorSource(path, infos, get, close=loaded.clear)
 
 
 def _open(path: "str | os.PathLike[str]") -> _TensorSource:
     path = _fspath(path)
-    lower = path.lower()
-    if lower.endswith(PICKLE_SUFFIXES):
+    if _is_pickle(path):
         return _open_pickle(path)
     # .safetensors, or an unknown suffix: read as safetensors, never unpickle implicitly
     return _open_safetensors(path)
+
+
+def _is_pickle(path: str) -> bool:
+    return path.lower().endswith(PICKLE_SUFFIXES)
+
+
+def read_key_table(path: "str | os.PathLike[str]") -> Dict[str, TensorInfo]:
+    """Key -> :class:`TensorInfo` of any checkpoint, without reading tensor data: the safetensors header, or the
+    pickle's object tree (:func:`read_pickle_key_table`)."""
+    path = _fspath(path)
+    return read_pickle_key_table(path) if _is_pickle(path) else read_safetensors_header(path)
 
 
 def read_tensors(path: "str | os.PathLike[str]", prefix: str = "", strip: bool = True,
@@ -385,16 +521,22 @@ def _read_prefix(source: _TensorSource, prefix: str, strip: bool = True,
 # Inspect
 
 
-def _context_dim(source: _TensorSource) -> Optional[int]:
+def _context_dim(infos: Mapping[str, TensorInfo]) -> Optional[int]:
     """Input width of the U-Net's cross-attention keys (``attn2.to_k.weight`` is (inner, context_dim))."""
-    for key, info in source.infos.items():
+    for key, info in infos.items():
         if key.startswith(UNET_PREFIX) and key.endswith(".attn2.to_k.weight") and len(info.shape) == 2:
             return int(info.shape[1])
     return None
 
 
 def _info_from_source(source: _TensorSource) -> CheckpointInfo:
-    path, keys = source.path, list(source.infos)
+    return info_from_key_table(source.path, source.infos)
+
+
+def info_from_key_table(path: "str | os.PathLike[str]", infos: Mapping[str, TensorInfo]) -> CheckpointInfo:
+    """What a checkpoint is, from its key table (:func:`read_key_table`, or :func:`key_table_of` a loaded state
+    dict); CheckpointError naming ``path`` when it is not a ColorizeDiffusion checkpoint."""
+    path, keys = _fspath(path), list(infos)
     if not is_colorize_checkpoint(keys):
         raise CheckpointError(path, _describe_foreign(keys))
     name_version = version_from_name(path)
@@ -412,7 +554,7 @@ def _info_from_source(source: _TensorSource) -> CheckpointInfo:
     components = DEFAULT_COMPONENTS[family_of(version).name] + (("reference_net",) if version == "xlv2" else ())
     for component in components:
         prefix = COMPONENT_PREFIXES[component]
-        names = sorted({info.dtype for key, info in source.infos.items() if key.startswith(prefix)})
+        names = sorted({info.dtype for key, info in infos.items() if key.startswith(prefix)})
         if names:
             dtypes[component] = tuple(names)
     extra = sorted({p for p in V15_PREFIXES + V2_PREFIXES for k in keys if k.startswith(p)}
@@ -429,7 +571,7 @@ def _info_from_source(source: _TensorSource) -> CheckpointInfo:
         name_version=name_version,
         num_tensors=len(keys),
         warnings=tuple(warnings),
-        context_dim=_context_dim(source),
+        context_dim=_context_dim(infos),
     )
 
 
@@ -439,8 +581,15 @@ def inspect_checkpoint(path: "str | os.PathLike[str]") -> CheckpointInfo:
     Raises CheckpointError if the file is missing, unreadable, refused (code-executing pickle) or not a
     ColorizeDiffusion checkpoint (e.g. a plain SD checkpoint).
     """
-    with _open(path) as source:
-        return _info_from_source(source)
+    return info_from_key_table(path, read_key_table(path))
+
+
+def key_table_of(state_dict: Mapping[str, object]) -> Optional[Dict[str, TensorInfo]]:
+    """The key table of a state dict already in memory (None unless every value is a tensor)."""
+    if not all(torch.is_tensor(v) for v in state_dict.values()):
+        return None
+    return {str(k): TensorInfo(_TORCH_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape))
+            for k, v in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

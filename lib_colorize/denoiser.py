@@ -12,7 +12,8 @@ A host (the host-free pipeline, the webui's ``CFGDenoiser``, Forge's model funct
 * ``t``: the U-Net timestep of this call (fractional under k-diffusion), for the guidance window and the
   injection start, both defined on the progress ``τ = 1 - t/999``;
 * ``noised_reference(latent, sigma, noise)``: the reference latent brought to this call's noise level in the
-  host's input space (k-diffusion: ``r + σ ε``; timestep samplers: ``√ᾱ_t r + √(1-ᾱ_t) ε``).
+  host's input space, the original's ``q(r, round(t))`` (k-diffusion inputs: :func:`k_noised_reference`; timestep
+  samplers: ``√ᾱ_t r + √(1-ᾱ_t) ε``).
 
 The call builds the rows ``[c | u_ref | u_sketch]`` of the active guidance mode with their contexts and sketch
 hints, runs the attention-injection reference pass when due, evaluates the model (one call, or one per role when
@@ -36,16 +37,21 @@ from .guidance import (COND, REF_DROPPED, SKETCH_DROPPED, GuidanceMode, Guidance
                        row_roles, split_rows)
 from .processors import BankRead, BankWrite, ProcessorSet, ReferenceBank, UNetCall, WritePassDone
 from .processors.injection import MIN_FIDELITY
+from . import schedule
 
 InnerModel = Callable[..., torch.Tensor]
 NoisedReference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sigma_noised_reference(latent: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The injection pass's input ``r + σ ε`` for a host whose model takes k-diffusion inputs (method §6.2),
-    computed in float32 and returned in the latent's dtype."""
-    s = sigma.reshape(-1)[:1].to(device=latent.device, dtype=torch.float32).view(-1, 1, 1, 1)
-    return (latent.float() + s * noise.float()).to(latent.dtype)
+def k_noised_reference(sigmas: torch.Tensor, sigma_to_t: Callable[[torch.Tensor], torch.Tensor]) -> NoisedReference:
+    """The injection pass's input for a host whose model takes k-diffusion inputs (method §6.2): the original's
+    ``q(r, round(t))`` as the input that the model's ``c_in`` turns into it
+    (:func:`lib_colorize.schedule.noised_reference`; ``r + σ ε`` at integer timesteps). ``sigmas`` is the model's
+    discrete table, ``sigma_to_t`` its timestep of a sigma."""
+    def noised(latent: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return schedule.noised_reference(latent, sigma, noise, sigma_to_t(sigma), sigmas)
+
+    return noised
 
 
 @dataclass
@@ -242,14 +248,19 @@ def outputs_by_role(plan: GenerationPlan, roles: Sequence[str], outputs: torch.T
 def guided_call(plan: GenerationPlan, processors: ProcessorSet, inner_model: InnerModel, x: torch.Tensor,
                 sigma: torch.Tensor, t: "float | torch.Tensor", noised_reference: Optional[NoisedReference] = None,
                 batch_together: bool = True,
-                observe: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+                observe: Optional[Callable[[torch.Tensor], None]] = None,
+                outputs_out: Optional[dict] = None) -> torch.Tensor:
     """One guided denoiser evaluation ``D(x, σ)`` with ColorizeDiffusion's dual guidance (method §5.3):
     :func:`evaluate_rows`, then :func:`~lib_colorize.guidance.combine`. Returns (bs, 4, h, w).
 
     ``observe`` sees the main rows' outputs ``[role0 × bs, role1 × bs, ...]`` (not the injection's reference
-    pass) before they are combined; in-place edits count.
+    pass) before they are combined; in-place edits count. ``outputs_out``, when given, receives the outputs by
+    role (:func:`outputs_by_role`), e.g. for a host's preview.
     """
     roles, outputs = evaluate_rows(plan, processors, inner_model, x, sigma, t, noised_reference, batch_together)
     if observe is not None:
         observe(outputs)
-    return combine(outputs_by_role(plan, roles, outputs), plan.mode, plan.reference_guidance, plan.sketch_guidance)
+    by_role = outputs_by_role(plan, roles, outputs)
+    if outputs_out is not None:
+        outputs_out.update(by_role)
+    return combine(by_role, plan.mode, plan.reference_guidance, plan.sketch_guidance)

@@ -28,6 +28,15 @@ LEVEL_BLOCKS: dict[str, tuple[int, ...]] = {
 }
 
 
+def level_layers(num_layers: int = 16) -> dict[str, tuple[int, ...]]:
+    """The blocks whose scale each level sets in the end (later levels overwrite earlier ones, method §4.3):
+    encoder 0-1, middle 2, 3, 10-12, low 4, 5, 7-9; blocks 6 and 13-15 belong to none."""
+    owner: dict[int, str] = {}
+    for level, blocks in LEVEL_BLOCKS.items():
+        owner.update({block: level for block in blocks if block < num_layers})
+    return {level: tuple(sorted(b for b, o in owner.items() if o == level)) for level in LEVEL_BLOCKS}
+
+
 class GuidanceMode(enum.IntEnum):
     """``[g_r > 1] + 10 [g_s > 1]`` as in the original's ``GuidanceFlag`` (method §5.2)."""
 

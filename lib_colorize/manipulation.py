@@ -30,6 +30,7 @@ __all__ = [
     "threshold_weights", "local_manipulate_step", "global_manipulate_step", "apply_manipulations",
     "format_manipulation_line", "format_manipulation_sequence", "parse_manipulation_sequence",
     "similarity_map", "threshold_levels", "render_heatmap", "limit_heatmap_reference", "manipulation_heatmap",
+    "group_heatmaps", "tile_heatmaps",
     "HEATMAP_LEVEL", "HEATMAP_MAX_SIDE", "HEATMAP_GRID",
 ]
 
@@ -416,3 +417,26 @@ def manipulation_heatmap(reference: Image.Image, groups_saved: Sequence[Manipula
         control = encode_text([_prompt(control_text or "")])
         sim = similarity_map(tokens, control.reshape(control.shape[0], -1)[:1], (height, width))
     return render_heatmap(reference, threshold_levels(sim, thresholds))
+
+
+def group_heatmaps(reference: Image.Image, groups: Sequence[Manipulation], encode_full: ImageEncoder,
+                   encode_text: TextEncoder) -> list[Image.Image]:
+    """One heat map per group: the regions group ``i`` selects, i.e. the "Visualize" image of its control prompt
+    and thresholds over the reference after groups ``0 .. i-1`` (before group ``i`` itself is applied)."""
+    groups = tuple(groups)
+    return [manipulation_heatmap(reference, groups[:i], group.control, group.thresholds, encode_full, encode_text)
+            for i, group in enumerate(groups)]
+
+
+def tile_heatmaps(heatmaps: Sequence[Image.Image], gap: int = 8) -> Image.Image:
+    """Heat maps side by side, left to right in group order, on white (for a single output file)."""
+    heatmaps = list(heatmaps)
+    if not heatmaps:
+        raise ValueError("no heat maps to tile")
+    width = sum(h.width for h in heatmaps) + gap * (len(heatmaps) - 1)
+    canvas = Image.new("RGB", (width, max(h.height for h in heatmaps)), (255, 255, 255))
+    left = 0
+    for heatmap in heatmaps:
+        canvas.paste(heatmap, (left, 0))
+        left += heatmap.width + gap
+    return canvas

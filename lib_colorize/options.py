@@ -113,6 +113,11 @@ def _spec(name, kind, default, label, tooltip, minimum=None, maximum=None, step=
     return FieldSpec(name, kind, default, label, tooltip, minimum, maximum, step, choices, infotext)
 
 
+#: What the window and start options measure (method §5.4): the U-Net timestep's progress, not the step count.
+PROGRESS_NOTE = ("Progress is 1 - t/999 of the U-Net timestep t (0 at the first step, 1 at the last), not the "
+                 "fraction of steps: with 20 Karras steps 0.5 comes at step 10 but 0.9 only at step 15.")
+
+
 #: Scalar options, in the order the accordion shows them. Structured options (images, level_scales,
 #: layer_scales, manipulations) are described by :data:`STRUCTURED_FIELDS`.
 FIELDS: tuple[FieldSpec, ...] = (
@@ -137,22 +142,26 @@ FIELDS: tuple[FieldSpec, ...] = (
           "Multiplies the sketch encoder's features. Lower lets the model draw more freely.",
           0.0, 3.0, 0.1, infotext="CD sketch strength"),
     _spec("reference_strength", float, 1.0, "Reference strength",
-          "Overall cross-attention scale on the reference: multiplies the encoder, middle and low level scales.",
+          "Overall cross-attention scale on the reference: multiplies the encoder, middle and low level scales. "
+          "Layers 6 (middle block) and 13-15 (up0) belong to no level and ignore it, and so do the 16 per-layer "
+          "sliders.",
           0.0, 1.0, 0.05, infotext="CD reference strength"),
     _spec("pad_reference", float, 1.0, "Pad reference with margin",
           "Pads the reference with white margins left and right (width x this factor) before encoding, which "
           "suppresses background colours leaking in. 1 = off.", 1.0, 2.0, 0.05, infotext="CD pad reference"),
     _spec("guidance_start", float, 0.0, "Reference start",
-          "Fraction of sampling (0 = first step) before which the reference is not used at all.",
+          "Sampling progress before which the reference is not used at all. " + PROGRESS_NOTE,
           0.0, 1.0, 0.05, infotext="CD guidance start"),
     _spec("guidance_end", float, 1.0, "Reference end",
-          "Fraction of sampling after which the reference is not used any more.",
+          "Sampling progress after which the reference is not used any more. " + PROGRESS_NOTE,
           0.0, 1.0, 0.05, infotext="CD guidance end"),
     _spec("no_guidance_start", float, -0.05, "No-reference window start",
-          "Start of a window in which the reference is dropped. Negative values (default) disable the window.",
+          "Sampling progress at which a window without the reference starts. Negative values (default) disable "
+          "the window. " + PROGRESS_NOTE,
           -0.05, 1.0, 0.05, infotext="CD no guidance start"),
     _spec("no_guidance_end", float, -0.05, "No-reference window end",
-          "End of the no-reference window.", -0.05, 1.0, 0.05, infotext="CD no guidance end"),
+          "Sampling progress at which the no-reference window ends. " + PROGRESS_NOTE, -0.05, 1.0, 0.05,
+          infotext="CD no guidance end"),
     _spec("injection", bool, False, "Attention injection",
           "Also runs the reference image through the U-Net and lets the drawing attend to it: closer colours "
           "and textures, about twice the sampling time.", infotext="CD injection"),
@@ -163,7 +172,7 @@ FIELDS: tuple[FieldSpec, ...] = (
           "How much of the reference's own shapes the injection pass sees (sketch features of the inverted "
           "reference). 0 = none.", 0.0, 2.0, 0.05, infotext="CD injection sketch fidelity"),
     _spec("injection_start", float, 0.0, "Injection start",
-          "Fraction of sampling before which no injection happens.", 0.0, 1.0, 0.05,
+          "Sampling progress before which no injection happens. " + PROGRESS_NOTE, 0.0, 1.0, 0.05,
           infotext="CD injection start"),
     _spec("crop_result", bool, False, "Crop result",
           "Crop the output to the sketch's own aspect ratio (removes the padding added to fit the canvas).",
@@ -495,8 +504,14 @@ def check_number(name: str, value: Any, minimum: Optional[float], maximum: Optio
     if not math.isfinite(value):
         raise InvalidInput(name, f"must be a finite number, got {value}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise InvalidInput(name, f"{value:g} is out of range [{minimum:g}, {maximum:g}]")
+        raise InvalidInput(name, f"{_exact(value)} is out of range [{_exact(minimum)}, {_exact(maximum)}]")
     return value
+
+
+def _exact(value: float) -> str:
+    """A number as short as it reads, but never rounded onto a different one (2.0000001 is not "2")."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def check_bool(name: str, value: Any) -> bool:

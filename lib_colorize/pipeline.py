@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from . import conditioning
-from .denoiser import guided_call
+from .denoiser import guided_call, k_noised_reference
 from .errors import InvalidInput
 from .guidance import cross_attention_scales, xl_cross_attention_scales
 from . import processors as unet_processors
@@ -272,21 +272,22 @@ class Colorizer:
 
     def heatmap(self, options: ColorizeOptions, control: Optional[str] = None,
                 thresholds=None) -> Image.Image:
-        """The manipulation heat map of the reference (method §7.5): saved groups applied, the last group's
-        control prompt and thresholds shown (or the given ones)."""
-        from .manipulation import manipulation_heatmap
+        """The manipulation heat map of the reference (method §7.5). With ``control``: the regions it selects after
+        all groups (the "Visualize" image). Without: the regions each group selects before it is applied, one tile
+        per group from left to right (:func:`~lib_colorize.manipulation.group_heatmaps`)."""
+        from .manipulation import group_heatmaps, manipulation_heatmap, tile_heatmaps
 
         if options.reference is None:
             raise InvalidInput("reference", "the heat map needs a reference image")
         groups = list(options.manipulations)
-        if control is None:
-            if not groups:
-                raise InvalidInput("manipulations", "the heat map needs at least one manipulation group "
-                                                    "(its control prompt selects the regions)")
-            control, thresholds = groups[-1].control, groups[-1].thresholds
-        return manipulation_heatmap(options.reference, groups, control, thresholds,
-                                    lambda image: self.encode_reference_full(image).float(),
-                                    lambda texts: self.encode_text(texts).float())
+        encode_full = lambda image: self.encode_reference_full(image).float()  # noqa: E731
+        encode_text = lambda texts: self.encode_text(texts).float()  # noqa: E731
+        if control is not None:
+            return manipulation_heatmap(options.reference, groups, control, thresholds, encode_full, encode_text)
+        if not groups:
+            raise InvalidInput("manipulations", "the heat map needs at least one manipulation group "
+                                                "(its control prompt selects the regions)")
+        return tile_heatmaps(group_heatmaps(options.reference, groups, encode_full, encode_text))
 
     # ------------------------------------------------------------------ enhance modes
     def enhance_modules(self, parts):
@@ -434,7 +435,7 @@ class Colorizer:
 
         def model(x, sigma):
             return self.denoise(plan, processors, inner_model, x, sigma, self.schedule.sigma_to_t(sigma),
-                                lambda r, s, n: r.float() + s.float() * n.float())
+                                k_noised_reference(self.schedule.sigmas, self.schedule.sigma_to_t))
 
         sigmas = sampler.sigmas(self.schedule, sampling.steps).to(self.device)
         generators = seeded_generators(seed, sampling.batch_size)

@@ -21,7 +21,7 @@ from .options import SKETCH_MODES
 
 __all__ = [
     "image_to_tensor", "tensor_to_images", "check_resolution", "round_to_multiple_of_64", "default_size_for",
-    "prepare_sketch", "pad_image", "pad_reference_with_margin", "crop_to_box", "reference_for_injection",
+    "prepare_sketch", "pad_image", "pad_reference_with_margin", "shift_box", "crop_to_box", "reference_for_injection",
     "RESOLUTION_MULTIPLE", "autofit_size",
 ]
 
@@ -228,18 +228,27 @@ def reference_for_injection(image: Image.Image, size: tuple[int, int]) -> torch.
 
 
 # ----------------------------------------------------------------------------------------- output (§8.5)
-def crop_to_box(image: Image.Image, box: Box, scale: float = 1.0) -> Image.Image:
+def shift_box(box: Box, offset: tuple[int, int], size: tuple[int, int]) -> Box:
+    """``box`` in a canvas cut at ``offset`` = ``(left, top)`` to ``size`` = ``(width, height)``: moved by the
+    offset and clipped to the cut (an empty box when nothing of it is left)."""
+    left, top, width, height = box
+    x0, y0 = max(0, left - offset[0]), max(0, top - offset[1])
+    x1, y1 = min(size[0], left - offset[0] + width), min(size[1], top - offset[1] + height)
+    return x0, y0, max(0, x1 - x0), max(0, y1 - y0)
+
+
+def crop_to_box(image: Image.Image, box: Box, scale: "float | tuple[float, float]" = 1.0) -> Image.Image:
     """Crop ``image`` to ``box`` = ``(left, top, w', h')`` from :func:`prepare_sketch` (the original's
     ``crop_image_from_square``: ``(left, top, left + w', top + h')``).
 
-    ``scale`` multiplies the box (rounded to whole pixels) for images made larger than the canvas the box was
-    computed for, e.g. hires-fix outputs (scale 2 crops ``2 left ... 2 (left + w')``). The box is clipped to
-    the image.
+    ``scale`` multiplies the box (rounded to whole pixels) for an image of another size than the canvas the box
+    was computed for: one factor, or ``(sx, sy)`` for the x and y axes (``sx = image width / canvas width``,
+    ``sy = image height / canvas height``). The box is clipped to the image.
     """
     left, top, width, height = box
-    s = float(scale)
-    x0, y0 = int(round(left * s)), int(round(top * s))
-    x1, y1 = int(round((left + width) * s)), int(round((top + height) * s))
+    sx, sy = (float(scale), float(scale)) if isinstance(scale, (int, float)) else (float(scale[0]), float(scale[1]))
+    x0, y0 = int(round(left * sx)), int(round(top * sy))
+    x1, y1 = int(round((left + width) * sx)), int(round((top + height) * sy))
     x0, y0 = max(0, x0), max(0, y0)
     x1, y1 = min(image.width, x1), min(image.height, y1)
     if x1 <= x0 or y1 <= y0:

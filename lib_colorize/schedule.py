@@ -130,6 +130,24 @@ def ldm_schedule_buffers(num_timesteps: int = NUM_TIMESTEPS, linear_start: float
     }
 
 
+def noised_reference(latent: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                     sigmas: torch.Tensor) -> torch.Tensor:
+    """Attention injection's reference at this call's noise level, as a k-diffusion input (method §6.2).
+
+    The original noises the reference at the integer timestep ``n = round(t)``:
+    ``q(r, n) = √ᾱ_n r + √(1 - ᾱ_n) ε``. A k-diffusion model divides its input by ``√(σ² + 1)`` (``c_in``), so
+    the input that reaches the U-Net as ``q(r, n)`` is ``x = √((σ² + 1) / (σ_n² + 1)) (r + σ_n ε)`` with
+    ``σ_n = sigmas[n] = √((1 - ᾱ_n) / ᾱ_n)``; at integer ``t`` that is ``r + σ ε``. ``t`` is the call's
+    (fractional) timestep, ``sigmas`` the model's discrete table (``sigmas[0]`` at t = 0).
+    """
+    table = sigmas.to(device=latent.device, dtype=torch.float32)
+    n = t.reshape(-1)[:1].to(table.device).round().long().clamp(0, table.shape[0] - 1)
+    sigma_n = table[n].view(-1, 1, 1, 1)
+    s = sigma.reshape(-1)[:1].to(device=latent.device, dtype=torch.float32).view(-1, 1, 1, 1)
+    scale = ((s * s + 1) / (sigma_n * sigma_n + 1)).sqrt()
+    return (scale * (latent.float() + sigma_n * noise.float())).to(latent.dtype)
+
+
 class NoiseSchedule:
     """A discrete DDPM schedule seen in sigma space, like k-diffusion's ``DiscreteSchedule``.
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from lib_colorize.errors import InvalidInput
 from lib_colorize.images import decode_image
+from lib_colorize.randomness import untouched_global_rng
 
 from lib_colorize.weights import (LINE_EXTRACTOR_FILES, ProgressCallback, WeightFile, ensure_weight_file,
                                   find_weight_file)
@@ -185,8 +186,9 @@ def extract_lines(name: str, image: Image.Image, size: int, *, models_dir=None, 
     if not spec.needs_weights:
         return standard.extract(rgb)
     dev, dt = _device_and_dtype(device, dtype)
-    net = load_extractor(name, models_dir=models_dir, device=dev, dtype=dt, allow_download=allow_download,
-                         progress=progress)
+    with untouched_global_rng():   # building the network initialises weights from the global RNG
+        net = load_extractor(name, models_dir=models_dir, device=dev, dtype=dt, allow_download=allow_download,
+                             progress=progress)
     try:
         out = _IMPLEMENTATIONS[name].run(net, rgb, dev, dt)
     finally:

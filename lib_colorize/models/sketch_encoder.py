@@ -18,6 +18,8 @@ from typing import List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..randomness import untouched_global_rng
+
 # Stem conv indices inside ``model`` and which of them have stride 2 (method §3 table).
 STEM_CONV_INDICES = (0, 2, 4, 6, 8, 10, 12, 14)
 STEM_STRIDE2_INDICES = (4, 8, 12)
@@ -71,7 +73,8 @@ class _LoadsFromStateDict(nn.Module):
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], strict: bool = True, **kwargs):
         """Build with widths inferred from ``state_dict`` and load it (keeps the tensors' dtype)."""
-        model = cls(cls.config_class.from_state_dict(state_dict), **kwargs)
+        with untouched_global_rng():   # the new layers' initial weights come from the global RNG
+            model = cls(cls.config_class.from_state_dict(state_dict), **kwargs)
         model.load_state_dict(state_dict, strict=strict)
         return model.to(state_dict["model.0.weight"].dtype)
 

@@ -54,6 +54,7 @@ def load_real_webui_module(relative: str, name: str):
     stand-in's other modules (``from modules import shared`` finds the stand-in's)."""
     spec = importlib.util.spec_from_file_location(name, real_webui_path(relative))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module          # as an import does (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 

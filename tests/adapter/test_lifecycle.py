@@ -509,12 +509,15 @@ def test_schedule_is_repaired_when_the_file_lacks_it(webui, checkpoint_file, tmp
     assert torch.allclose(model.alphas_cumprod, good.alphas_cumprod, atol=1e-7)
 
 
-def test_missing_text_encoder_is_zeroed(webui, checkpoint_file, tmp_path):
-    """Released files have no cond_stage_model.*: the webui's uninitialised text tower is set to zeros."""
+def test_missing_text_encoder_gets_constant_weights(webui, checkpoint_file, tmp_path):
+    """Released files have no cond_stage_model.*: the webui's uninitialised text tower gets zeros, and its
+    LayerNorm biases 1 (finite, non-zero conds: see test_model.py for the webui's emphasis modes)."""
     from lib_colorize.testing.checkpoints import make_checkpoint
 
     model = webui.load(checkpoint_file)
-    assert all(float(p.abs().sum()) == 0.0 for p in model.cond_stage_model.parameters())
+    assert float(model.cond_stage_model[0].weight.abs().sum()) == 0.0
+    assert torch.equal(model.cond_stage_model[1].weight, torch.zeros(8))
+    assert torch.equal(model.cond_stage_model[1].bias, torch.ones(8))
     text = {"cond_stage_model.0.weight": torch.randn(16, 8), "cond_stage_model.1.weight": torch.ones(8),
             "cond_stage_model.1.bias": torch.full((8,), 0.5)}
     path = make_checkpoint(str(tmp_path / "mult-eps-withtext.safetensors"), "v1", "tiny", context_dim=32, seed=1,

@@ -82,8 +82,18 @@ def reference_call(denoiser, plan, hooks, x, sigma, t, noised_reference, batch_t
                        batch_together=batch_together)
 
 
-def kdiff_noised(latent, sigma, noise):
-    return latent + sigma.reshape(-1)[:1].view(-1, 1, 1, 1) * noise
+def original_noised_reference(latent, sigma, noise):
+    """The original's reference noising q(r, n) = sqrt(abar_n) r + sqrt(1 - abar_n) eps at n = round(t) (method
+    §6.2), as the k-diffusion input that the model's c_in = 1 / sqrt(sigma^2 + 1) turns into it."""
+    from modules import shared
+    from k_diffusion.external import CompVisDenoiser
+
+    alphas = shared.sd_model.alphas_cumprod.double()
+    n = int(CompVisDenoiser(shared.sd_model).sigma_to_t(sigma.reshape(-1)[:1]).round())
+    a = alphas[n]
+    s = sigma.reshape(-1)[:1].double()
+    q = a.sqrt() * latent.double() + (1 - a).sqrt() * noise.double()
+    return (q * (s * s + 1).sqrt()).to(latent.dtype)
 
 
 # ------------------------------------------------------------------------------------- equal to guided_call
@@ -101,7 +111,7 @@ def test_kdiffusion_forward_equals_guided_call(webui, sd_model, mode, injection)
     plan2, hooks2 = make_plan(sd_model, rg, sg, injection=injection)
     with hooks2:
         expected = reference_call(denoiser, plan2, hooks2, x, sigma, denoiser.inner_model.sigma_to_t(sigma),
-                                  kdiff_noised)
+                                  sampling.make_noised_reference(denoiser))
     assert plan.mode == GuidanceMode(int(rg > 1) + 10 * int(sg > 1))
     assert torch.equal(got, expected)
     assert denoiser.step == 1
@@ -246,7 +256,9 @@ def test_cfg_denoised_fires_once_when_the_window_is_closed(webui, sd_model):
 
 
 def test_store_latent_and_step_counter(webui, sd_model):
-    from modules import sd_samplers_common
+    from modules import sd_samplers_common, shared
+
+    shared.opts.live_preview_content = "Combined"
 
     sampler, denoiser = make_denoiser(webui, sd_model)
     plan, hooks = make_plan(sd_model, 3.0, 1.0)
@@ -293,9 +305,11 @@ def test_mask_blend_as_the_webui(webui, sd_model, sampler_name):
     t = sigma if sampler_name == "DDIM" else denoiser.inner_model.sigma_to_t(sigma)
     with hooks2:
         if sampler_name == "DDIM":
-            expected = reference_call(denoiser, plan2, hooks2, blend(x), sigma, t, kdiff_noised)
+            expected = reference_call(denoiser, plan2, hooks2, blend(x), sigma, t,
+                                      sampling.make_noised_reference(denoiser))
         else:
-            expected = blend(reference_call(denoiser, plan2, hooks2, x, sigma, t, kdiff_noised))
+            expected = blend(reference_call(denoiser, plan2, hooks2, x, sigma, t,
+                                            sampling.make_noised_reference(denoiser)))
     assert torch.allclose(got, expected, atol=1e-6)
     assert calls == [(False, True)]
 
@@ -372,3 +386,44 @@ def test_webui_and_host_free_pipeline_give_the_same_latents(webui, sd_model, che
     assert torch.allclose(result.latents, webui_latents, atol=5e-6, rtol=0), \
         (result.latents - webui_latents).abs().max()
     assert live_count() == 0
+
+
+# ------------------------------------------------------------------------------ reference noise, live preview
+@pytest.mark.parametrize("sigma_value", [2.5, 0.7, 11.0])
+def test_reference_is_noised_at_the_rounded_timestep_like_the_original(webui, sd_model, sigma_value):
+    """Method §6.2: the reference pass sees q(r, round(t)); k-diffusion's continuous sigma alone gives q(r, t)."""
+    _, denoiser = make_denoiser(webui, sd_model)
+    sigma = torch.full((1,), sigma_value)
+    t = float(denoiser.inner_model.sigma_to_t(sigma))
+    assert abs(t - round(t)) > 0.01, "the test needs a fractional timestep"
+    generator = torch.Generator().manual_seed(3)
+    latent, noise = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    got = sampling.make_noised_reference(denoiser)(latent, sigma, noise)
+    want = original_noised_reference(latent, sigma, noise)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    continuous = latent + sigma_value * noise
+    assert not torch.allclose(continuous, want, rtol=1e-5, atol=1e-6), "round(t) must make a difference here"
+
+
+def test_live_preview_follows_live_preview_content(webui, sd_model):
+    """The webui's setting: "Prompt" previews the full-condition rows, "Negative prompt" the unconditional rows
+    (reference dropped), "Combined" the guided result."""
+    from modules import sd_samplers_common, shared
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 3.0
+    sigma = torch.full((1,), 3.0)
+    previews, last = {}, {}
+    for content in ("Prompt", "Negative prompt", "Combined"):
+        shared.opts.live_preview_content = content
+        sampler, denoiser = make_denoiser(webui, sd_model)
+        plan, hooks = make_plan(sd_model, 3.0, 1.0)           # reference guidance 3: rows [c | u_ref]
+        sampling.bind(denoiser, sampling.SamplingContext(plan=plan, processors=hooks))
+        with hooks:
+            torch.manual_seed(0)
+            call_forward(denoiser, x, sigma)
+        previews[content], last[content] = sd_samplers_common.stored_latents[-1], sampler.last_latent
+    assert torch.equal(last["Prompt"], last["Combined"]) and torch.equal(last["Prompt"], last["Negative prompt"])
+    assert torch.equal(previews["Combined"], last["Combined"])
+    prompt, negative = previews["Prompt"], previews["Negative prompt"]
+    assert not torch.allclose(prompt, previews["Combined"]) and not torch.allclose(negative, prompt)
+    assert torch.allclose(previews["Combined"], negative + 3.0 * (prompt - negative), atol=1e-5)

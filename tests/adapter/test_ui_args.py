@@ -19,9 +19,10 @@ from PIL import Image
 
 import cd_webui
 from cd_webui import ui as cd_ui
-from cd_webui.args import (ACCURATE_SLOT, LAYER_SLOTS, LEVEL_SLOTS, MANIPULATIONS_SLOT, SLOT_INDEX, UI_ORDER,
+from cd_webui.args import (ACCURATE_SLOT, FORM_SLOTS, FORM_TARGET_SLOT, INFOTEXT_ENABLED_SLOT, LAYER_SLOTS,
+                           LEVEL_SLOTS, MANIPULATIONS_SLOT, SLOT_INDEX, UI_ORDER,
                            USE_INIT_IMAGE_SLOT, level_override_attr, override_attr, parse_script_args, ui_defaults)
-from conftest import real_webui_path
+from conftest import real_webui_functions, real_webui_path
 from lib_colorize.errors import ColorizeError, InvalidInput
 from lib_colorize.infotext import format_parameters_text, options_to_infotext
 from lib_colorize.manipulation import format_manipulation_sequence
@@ -123,7 +124,7 @@ def assert_options_equal(got: ColorizeOptions, want: ColorizeOptions, *, images=
 @pytest.mark.parametrize("is_img2img", [False, True])
 def test_ui_builds_with_the_documented_components(is_img2img):
     script, components = build(is_img2img)
-    assert len(components) == len(UI_ORDER) == 64      # 43 SD2.1 slots, 16 enhance, then 5 XL (append only)
+    assert len(components) == len(UI_ORDER) == 74      # 43 SD2.1, 16 enhance, 5 XL, pasted enabled, 9 form (append only)
     assert UI_ORDER[42] == MANIPULATIONS_SLOT
     assert isinstance(components[0], gr.Checkbox) and components[0].accordion_id.endswith("_enabled")
     by_slot = dict(zip(UI_ORDER, components))
@@ -174,10 +175,11 @@ def test_ui_has_no_side_effects():
     assert first[1] is not second[1]
 
 
-def test_infotext_fields_cover_every_slot_but_use_init_image():
+def test_infotext_fields_cover_every_slot_but_use_init_image_and_the_form():
     script, components = build(True)
     fields = script.infotext_fields
-    assert [c for c, _ in fields] == [c for slot, c in zip(UI_ORDER, components) if slot != USE_INIT_IMAGE_SLOT]
+    unpasted = {USE_INIT_IMAGE_SLOT} | {slot for slot in FORM_SLOTS if slot != FORM_TARGET_SLOT}
+    assert [c for c, _ in fields] == [c for slot, c in zip(UI_ORDER, components) if slot not in unpasted]
     for _, target in fields:
         assert isinstance(target, str) and target.startswith("CD ") or callable(target)
     assert script.paste_field_names == [t for _, t in fields]
@@ -224,7 +226,7 @@ def test_paste_of_a_plain_infotext_switches_off_only():
     script, components = build()
     parsed = infotext_utils.parse_generation_parameters("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7")
     slots = pasted_slots(script, components, parsed)
-    assert slots.pop("enabled") is False
+    assert slots.pop("enabled") is False and slots.pop(INFOTEXT_ENABLED_SLOT) is False
     assert all(v is None for v in slots.values())
 
 
@@ -488,9 +490,11 @@ def test_gradio_errors_are_colorize_messages():
 def test_use_sketch_size_arithmetic():
     script = (f"globalThis.window = globalThis; require({str(REPO / 'javascript' / 'colorize_diffusion.js')!r});"
               "const f = window.colorizeDiffusionSizeFor;"
-              "console.log(JSON.stringify([f(1000, 500), f(512, 512), f(600, 900), f(0, 4)]));")
+              "console.log(JSON.stringify([f(1000, 500), f(512, 512), f(600, 900), f(0, 4),"
+              "                            f(1000, 500, 768), f(512, 512, 768), f(600, 900, 512)]));")
     out = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=60, check=True).stdout
-    assert out.strip() == "[[704,384],[512,512],[448,640],null]"
+    # without a native size: 512 (v1); the server sends 768 for v2
+    assert out.strip() == "[[704,384],[512,512],[448,640],null,[1088,512],[768,768],[448,640]]"
 
 
 # ------------------------------------------------------------------------------- the real webui helpers
@@ -534,3 +538,149 @@ def test_over_long_manipulation_prompt_is_refused_by_the_tokenizer_alone():
     with pytest.raises(InvalidInput) as info:
         parse_script_args([data])
     assert info.value.field == "manipulations[0].target" and "at most 75" in str(info.value)
+
+
+# ------------------------------------------------------------------- the API's infotext with a named dict
+def test_api_infotext_restores_enabled_when_the_named_dict_omits_it():
+    """The real webui API (Api.apply_infotext, Api.init_script_args): the infotext fills every slot, then the
+    named dict replaces slot 0; the README promises that omitted keys, ``enabled`` too, take the pasted values."""
+    import types as _types
+
+    from modules import infotext_utils
+
+    script, components = build()
+    script.args_from, script.args_to, script.alwayson = 1, 1 + len(components), True
+    infotext_utils_ns = _types.SimpleNamespace(
+        paste_fields={"txt2img": {"fields": [infotext_utils.PasteField(*f) for f in script.infotext_fields]}},
+        parse_generation_parameters=infotext_utils.parse_generation_parameters,
+        get_override_settings=lambda params: [])
+
+    class HTTPException(Exception):
+        def __init__(self, status_code, detail):
+            super().__init__(detail)
+
+    api = real_webui_functions("modules/api/api.py", ["Api.apply_infotext", "Api.init_script_args"],
+                               {"infotext_utils": infotext_utils_ns, "HTTPException": HTTPException})
+    pasted = rich_options(reference_guidance=3.5, injection=False)
+    text = format_parameters_text("", {"Steps": 20, "Sampler": "Euler", **options_to_infotext(pasted)})
+    named = {"sketch": png_b64(sketch_image()), "reference": png_b64(reference_image())}
+
+    class Request:
+        infotext = text
+        override_settings = None
+        __fields__: dict = {}
+        alwayson_scripts = {"ColorizeDiffusion": {"args": [named]}}
+
+        def dict(self, exclude_unset=False):
+            return {"infotext": self.infotext, "alwayson_scripts": self.alwayson_scripts}
+
+    owner = _types.SimpleNamespace(get_script=lambda name, runner: script)
+    runner = _types.SimpleNamespace(inputs=[None] + list(components), scripts=[script])
+    mentioned: dict = {}
+    request = Request()
+    api["Api.apply_infotext"](owner, request, "txt2img", script_runner=runner, mentioned_script_args=mentioned)
+    defaults = [0] + [c.value for c in components]
+    script_args = api["Api.init_script_args"](owner, request, defaults, None, None, runner,
+                                              input_script_args=mentioned)
+    assert script_args[1] is named
+    options = parse_script_args(script_args[1:])
+    assert options.enabled is True
+    assert options.reference_guidance == 3.5 and options.layer_scales == pasted.layer_scales
+    # without an infotext the dict alone decides: disabled
+    assert parse_script_args([named] + defaults[2:]).enabled is False
+
+
+# ------------------------------------------------------------------------------- the manipulation form
+def form_slots(target="red hair", anchor="", control="hair", scale=2.5, enhance=True, ts=(0.4, 0.5, 0.6, 0.9)):
+    return dict(zip(FORM_SLOTS, (target, anchor, control, scale, enhance, *ts)))
+
+
+def test_the_form_applies_after_the_sequence_when_its_target_is_filled():
+    sequence = format_manipulation_sequence([Manipulation("blue sky", "none", "sky", 1.0)])
+    values = dict(zip(UI_ORDER, positional_from_options(ColorizeOptions(enabled=True, sketch=sketch_image()))))
+    values[MANIPULATIONS_SLOT] = sequence
+    values.update(form_slots())
+    groups = parse_script_args([values[s] for s in UI_ORDER]).manipulations
+    assert [g.target for g in groups] == ["blue sky", "red hair"]
+    assert groups[1] == Manipulation("red hair", "none", "hair", 2.5, True, (0.4, 0.5, 0.6, 0.9))
+    values.update(form_slots(target="  "))                       # an empty target: the form is not a group
+    assert [g.target for g in parse_script_args([values[s] for s in UI_ORDER]).manipulations] == ["blue sky"]
+    values.update(form_slots(scale=99))                          # a filled form is validated like any group
+    with pytest.raises(InvalidInput) as error:
+        parse_script_args([values[s] for s in UI_ORDER])
+    assert error.value.field == "manipulations[1].scale"
+
+
+def test_add_on_an_empty_form_is_refused():
+    for target in ("", "   ", None):
+        with pytest.raises(gr.Error, match="target prompt is empty"):
+            cd_ui.add_manipulation("", *form(target=target))
+
+
+def test_pasting_an_infotext_empties_the_forms_target():
+    from modules import infotext_utils
+
+    script, components = build()
+    text = format_parameters_text("", {"Steps": 20, **options_to_infotext(rich_options())})
+    slots = pasted_slots(script, components, infotext_utils.parse_generation_parameters(text))
+    assert slots[FORM_TARGET_SLOT] == "" and slots[INFOTEXT_ENABLED_SLOT] is True
+    assert all(slot not in slots for slot in FORM_SLOTS[1:])
+
+
+# -------------------------------------------------------------------------- init image as the sketch
+def _event_fn(blocks, trigger_component, event):
+    for dependency, function in zip(blocks.dependencies, blocks.fns):
+        if trigger_component._id in dependency["targets"] and dependency["trigger"] == event:
+            return function.fn
+    raise AssertionError(f"no {event} event on the component")
+
+
+def test_use_init_image_shows_that_the_init_image_is_the_sketch():
+    script = FakeScript(True)
+    with gr.Blocks() as blocks:
+        components = cd_ui.build_ui(script, True)
+    by_slot = dict(zip(UI_ORDER, components))
+    note = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", "") == script.elem_id("init_sketch_note"))
+    assert note.visible is False and cd_ui.INIT_SKETCH_NOTE in note.value
+    switch = _event_fn(blocks, by_slot[USE_INIT_IMAGE_SLOT], "change")
+    sketch_update, note_update = switch(True)
+    assert sketch_update["visible"] is False and note_update["visible"] is True
+    sketch_update, note_update = switch(False)
+    assert sketch_update["visible"] is True and note_update["visible"] is False
+
+
+# -------------------------------------------------------------------------------- "Use sketch size"
+def test_use_sketch_size_takes_the_loaded_models_native_size(webui, checkpoint_file, tmp_path):
+    from lib_colorize.testing.checkpoints import make_checkpoint
+
+    script = FakeScript(False)
+    with gr.Blocks() as blocks:
+        cd_ui.build_ui(script, False)
+    button = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", "") == script.elem_id("use_sketch_size"))
+    native_size = _event_fn(blocks, button, "click")
+    webui.load(checkpoint_file)
+    assert native_size() == 512
+    webui.load(make_checkpoint(str(tmp_path / "v2-full.safetensors"), "v2", "tiny", context_dim=32, seed=2))
+    assert native_size() == 768
+
+
+# ---------------------------------------------------------------------------------------- tooltips
+def test_level_tooltips_name_the_layers_each_level_scale_changes():
+    from cd_webui.args import LAYER_NAMES, LEVEL_LABELS
+    from lib_colorize.guidance import cross_attention_scales
+
+    base = cross_attention_scales(1.0, LevelScales())
+    for level in ("encoder", "middle", "low"):
+        changed = [i for i, (a, b) in enumerate(zip(base, cross_attention_scales(1.0, LevelScales(**{level: 0.5}))))
+                   if a != b]
+        _, tooltip = LEVEL_LABELS[level]
+        named = tooltip.split("the layers ", 1)[1].split(" (", 1)[0].split(", ")
+        assert named == [LAYER_NAMES[i] for i in changed], level
+    untouched = [i for i, (a, b) in enumerate(zip(base, cross_attention_scales(0.5, LevelScales()))) if a == b]
+    assert untouched == [6, 13, 14, 15]
+    assert "6 (middle block) and 13-15 (up0)" in FIELD_BY_NAME["reference_strength"].tooltip
+
+
+def test_window_tooltips_say_what_progress_is():
+    for name in ("guidance_start", "guidance_end", "no_guidance_start", "no_guidance_end", "injection_start"):
+        assert "1 - t/999" in FIELD_BY_NAME[name].tooltip and "not the fraction of steps" in FIELD_BY_NAME[name].tooltip

@@ -238,3 +238,64 @@ def test_corrupt_ckpt_is_refused(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match="not a state dict"):
         inspect_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pickle key tables: what a .ckpt is, decided without reading its tensors
+
+
+def _mixed_state_dict(files) -> dict:
+    sd = read_tensors(files["v1"], "")
+    sd["model.diffusion_model.input_blocks.0.0.bias"] = sd["model.diffusion_model.input_blocks.0.0.bias"].half()
+    sd["control_encoder.model.0.bias"] = sd["control_encoder.model.0.bias"].to(torch.bfloat16)
+    sd["first_stage_model.encoder.conv_in.weight"] = torch.nn.Parameter(sd["first_stage_model.encoder.conv_in.weight"])
+    return sd
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pickle_key_table_reads_no_tensor_data(tmp_path, files, zip_format, monkeypatch):
+    sd = _mixed_state_dict(files)
+    path = str(tmp_path / "mult-eps-ft.ckpt")
+    torch.save({"state_dict": sd, "global_step": 10, "epoch": 2}, path, _use_new_zipfile_serialization=zip_format)
+    expected = {k: ckpt.TensorInfo(ckpt._TORCH_DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in sd.items()}
+    reference_info = inspect_checkpoint(files["v1"])
+
+    opened_members = []
+    original_open = ckpt.zipfile.ZipFile.open
+    def recording_open(self, name, *args, **kwargs):
+        opened_members.append(str(name))
+        return original_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.zipfile.ZipFile, "open", recording_open)
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("torch.load was called to read a key table")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    assert ckpt.read_pickle_key_table(path) == expected
+    info = inspect_checkpoint(path)
+    assert (info.version, info.parameterization, info.num_tensors) == ("v1", "eps", len(sd))
+    assert info.dtypes["unet"] == ("F16", "F32") and info.dtypes["sketch_encoder"] == ("BF16", "F32")
+    assert info.has_sketch_encoder and info.has_vae and reference_info.num_tensors == info.num_tensors
+    if zip_format:
+        assert opened_members and all(name.endswith("data.pkl") for name in opened_members)
+
+
+def test_legacy_pickle_key_table_does_not_need_the_tensor_data(tmp_path, files):
+    """The legacy format stores the tensors after the pickle: a file cut right after it still gives its keys."""
+    sd = read_tensors(files["v1"], "control_encoder.", strip=False)
+    path = tmp_path / "mult-ft.pth"
+    torch.save(sd, str(path), _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    cut = tmp_path / "mult-ft-cut.pth"
+    cut.write_bytes(data[: len(data) // 3])
+    assert ckpt.read_pickle_key_table(str(cut)) == ckpt.read_pickle_key_table(str(path))
+    assert set(ckpt.read_pickle_key_table(str(cut))) == set(sd)
+
+
+def test_pickle_tensors_are_read_only_when_asked(tmp_path, files):
+    sd = read_tensors(files["v1"], "")
+    path = str(tmp_path / "mult-eps-ft.ckpt")
+    torch.save(sd, path)
+    encoder = read_tensors(path, "control_encoder.")
+    assert encoder and all(torch.equal(t, sd["control_encoder." + k]) for k, t in encoder.items())

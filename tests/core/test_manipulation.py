@@ -447,3 +447,25 @@ def test_manipulation_heatmap_end_to_end_with_fake_encoders():
     levels = threshold_levels(similarity_map(tokens, torch.from_numpy(enc.vector("hair"))[None], (96, 128)))
     assert np.array_equal(np.asarray(out), np.asarray(render_heatmap(reference, levels)))
     assert set(np.unique(levels).tolist()) <= LEVELS
+
+
+def test_group_heat_maps_show_each_groups_regions_before_it_is_applied():
+    """The gallery / command-line heat maps: group i's control over the tokens after groups 0..i-1 (the
+    "Visualize" image while group i is being edited), not the last control after every group."""
+    from lib_colorize.manipulation import group_heatmaps, tile_heatmaps
+
+    enc = FakeTextEncoder()
+    reference = Image.fromarray(np.random.default_rng(7).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    groups = (Manipulation(target="red", control="hair", scale=6.0),
+              Manipulation(target="blue", control="sky", scale=4.0, thresholds=(0.2, 0.4, 0.6, 0.8)))
+    maps = group_heatmaps(reference, groups, lambda x: random_tokens(41), enc)
+    assert len(maps) == 2
+    for i, (group, heatmap) in enumerate(zip(groups, maps)):
+        expected = manipulation_heatmap(reference, groups[:i], group.control, group.thresholds,
+                                        lambda x: random_tokens(41), enc)
+        assert np.array_equal(np.asarray(heatmap), np.asarray(expected)), i
+    after_all = manipulation_heatmap(reference, groups, "sky", groups[1].thresholds, lambda x: random_tokens(41), enc)
+    assert not np.array_equal(np.asarray(maps[1]), np.asarray(after_all))
+    tiled = tile_heatmaps(maps)
+    assert tiled.size == (48 * 2 + 8, 32)
+    assert np.array_equal(np.asarray(tiled)[:, 56:], np.asarray(maps[1]))

@@ -126,3 +126,14 @@ def test_decode_image_forms():
     # a path is never opened: "/etc/hostname" is not base64 of an image
     with pytest.raises(InvalidInput):
         decode_image("/etc/hostname", "sketch")
+
+
+def test_out_of_range_values_are_quoted_without_rounding_onto_the_bound():
+    from lib_colorize.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as error:
+        ColorizeOptions.from_dict({"pad_reference": 2.0000001})
+    assert "2.0000001 is out of range [1, 2]" in str(error.value)
+    with pytest.raises(InvalidInput) as error:
+        ColorizeOptions.from_dict({"reference_guidance": 20})
+    assert "20 is out of range [1, 15]" in str(error.value)

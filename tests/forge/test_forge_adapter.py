@@ -23,7 +23,7 @@ from cd_forge.host import LDM_PATCHED, LDM_PATCHED_MESSAGE
 from cd_forge.ui import CHECKPOINT_SLOT, split_args
 from cd_webui.args import UI_ORDER
 from lib_colorize import conditioning
-from lib_colorize.denoiser import guided_call, sigma_noised_reference
+from lib_colorize.denoiser import guided_call, k_noised_reference
 from lib_colorize.errors import ColorizeError, InvalidInput, NotColorizeModel
 from lib_colorize.guidance import cross_attention_scales
 from lib_colorize.options import ColorizeOptions
@@ -248,7 +248,9 @@ def test_forge_step_equals_the_a1111_denoiser_on_lib_colorize_unet(colorize, che
         schedule_denoiser = make_denoiser(lambda x_in, t, context: reference_model.unet(x_in, t, context), "eps",
                                           quantize=True)
         expected = guided_call(plan, theirs, lambda a, s, c: schedule_denoiser(a, s, context=c), x, sigma,
-                               colorize.predictor.timestep(sigma[:1]), noised_reference=sigma_noised_reference)
+                               colorize.predictor.timestep(sigma[:1]),
+                               noised_reference=k_noised_reference(colorize.predictor.sigmas,
+                                                                   colorize.predictor.timestep))
     finally:
         ours.remove()
         theirs.remove()
@@ -374,7 +376,9 @@ def _a1111_latents(colorize, run: ForgeRun, options: dict, reference_unet) -> to
         for i in range(len(sigmas) - 1):
             sigma = sigmas[i].expand(run.batch)
             denoised = guided_call(plan, processors, lambda a, s, c: denoiser(a, s, context=c), x, sigma,
-                                   colorize.predictor.timestep(sigma[:1]), noised_reference=sigma_noised_reference)
+                                   colorize.predictor.timestep(sigma[:1]),
+                               noised_reference=k_noised_reference(colorize.predictor.sigmas,
+                                                                   colorize.predictor.timestep))
             x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
     finally:
         processors.remove()

@@ -22,6 +22,7 @@ class Processed:
         self.extra_generation_params = p.extra_generation_params
         self.seed = p.seed
         self.samples = getattr(p, "all_samples", [])
+        self.comments = "".join(f"{comment}\n" for comment in p.comments)
 
 
 class StableDiffusionProcessing:
@@ -58,11 +59,16 @@ class StableDiffusionProcessing:
         self.s_min_uncond = 0.0
         self.iteration = 0
         self.rng = None
+        self.comments = {}
         for key, value in kwargs.items():
             setattr(self, key, value)
 
     def init(self, all_prompts, all_seeds, all_subseeds):
         pass
+
+    def comment(self, text):
+        """A note shown under the image in the UI (the webui's ``p.comment``)."""
+        self.comments[text] = 1
 
     def conds(self, batch):
         c = self.sd_model.get_learned_conditioning([self.prompt] * batch)
@@ -85,6 +91,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         self.firstpass_image = firstpass_image
         self.hr_upscale_to_x = int(self.width * hr_scale)
         self.hr_upscale_to_y = int(self.height * hr_scale)
+        self.truncate_x = 0   # latent columns / rows the webui cuts after upscaling when hires changes the aspect
+        self.truncate_y = 0
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
@@ -106,6 +114,9 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         self.sampler = sd_samplers.create_sampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
         samples = F.interpolate(samples, size=(self.hr_upscale_to_y // opt_f, self.hr_upscale_to_x // opt_f),
                                 mode="nearest")
+        # the webui's cut to the hires target size (modules/processing.py, sample_hr_pass)
+        samples = samples[:, :, self.truncate_y // 2:samples.shape[2] - (self.truncate_y + 1) // 2,
+                          self.truncate_x // 2:samples.shape[3] - (self.truncate_x + 1) // 2]
         self.rng = rng.ImageRNG(samples.shape[1:], seeds)
         noise = self.rng.next()
         if self.scripts is not None:

@@ -53,6 +53,11 @@ class CFGDenoiser(torch.nn.Module):
             blended = mba.blended_latent
         return blended
 
+    def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
+        """``uncond + scale (cond - uncond)`` (one cond per image: no AND prompts)."""
+        batch = uncond.shape[0]
+        return x_out[-batch:] + (x_out[:batch] - x_out[-batch:]) * cond_scale
+
     def _inner(self, x, sigma, c_crossattn, c_concat):
         self.inner_calls += 1
         if isinstance(c_crossattn, dict):   # SDXL conds: the webui's make_condition_dict keeps the dict
@@ -85,7 +90,7 @@ class CFGDenoiser(torch.nn.Module):
         cfg_denoised_callback(CFGDenoisedParams(x_out, state.sampling_step, state.sampling_steps, self.inner_model))
         if self.need_last_noise_uncond:
             self.last_noise_uncond = torch.clone(x_out[-batch:])
-        denoised = x_out[batch:] + (x_out[:batch] - x_out[batch:]) * (cond_scale * self.cond_scale_miltiplier)
+        denoised = self.combine_denoised(x_out, None, x_out[batch:], cond_scale * self.cond_scale_miltiplier)
         if not self.mask_before_denoising and self.mask is not None:
             denoised = self._blend(denoised, sigma)
         self.sampler.last_latent = self.get_pred_x0(x_in[:batch], x_out[:batch], sigma)
