@@ -591,3 +591,19 @@ def test_accordion_has_the_checkpoint_dropdown_last_and_pastes_it(forge_webui):
     paste = dict((id(c), target) for c, target in script.infotext_fields)[id(dropdown)]
     assert paste({"CD checkpoint": "mult-eps-tiny"}) == "mult-eps-tiny" and paste({}) is None
     assert paste({"CD checkpoint": "not-here"}) is None
+
+
+def test_what_forge_does_not_run_yet_is_refused_with_a_message_and_leaves_nothing(forge_webui, tmp_path):
+    """The enhance modes and the XL checkpoints stop the generation with a message that says where they run;
+    the next generation colorizes as before."""
+    from lib_colorize.testing.xl_checkpoints import make_xl_checkpoint
+
+    with pytest.raises(InvalidInput, match="bg_enhance.*in Forge.*AUTOMATIC1111"):
+        ForgeRun(forge_webui.engine, _args(_options(bg_enhance=True))).run()
+    assert live_count() == 0
+    xl_file = make_xl_checkpoint(str(tmp_path / "sdxl-tiny.safetensors"), "sdxl", "tiny")
+    with pytest.raises(ColorizeError, match="in Forge.*the XL checkpoint sdxl-tiny.*AUTOMATIC1111"):
+        forge_model.load_colorize_model(xl_file)
+    assert live_count() == 0
+    good = ForgeRun(forge_webui.engine, _args(_options())).run()
+    assert good.p.extra_generation_params["CD checkpoint"] == "mult-eps-tiny"
