@@ -115,3 +115,28 @@ def test_endurance_leaves_no_processors_and_bounds_the_cache(tmp_path):
     assert result["max_live_hooks_between"] == 0
     assert result["token_cache_entries"] == 8   # ten references, eight kept
     assert result["rss_mib_end"] > 0
+
+
+def test_mode_bench_counts_what_each_enhance_mode_adds(tmp_path):
+    """``python -m bench.modes``: every mode's step runs, changes the output, and costs what its processors add
+    (FLOPs are exact; timings are not asserted)."""
+    from bench import modes
+    from lib_colorize.processors import live_count
+
+    steps = modes.mode_bench(SIZES["quick"], torch.device("cpu"), torch.float32, str(tmp_path))
+    modes.count_flops(steps)
+    flops = {name: step.flops / steps["default"].flops for name, step in steps.items()}
+    assert set(flops) == set(modes.MODES)
+    assert 1.0 <= flops["v2 style"] < 1.05                   # a modulation per decoder block: nearly free
+    assert 1.8 < flops["v1 BG"] < 2.1                        # every attn2 twice (character and background pass)
+    assert flops["v1.5 FG+BG"] > flops["v1.5 BG"] > flops["v1 BG"]   # + LoRA, + the doubled context
+    default = steps["default"].call()
+    # The bench's local-token encoder returns the reference tokens for any image, so the two halves of the split
+    # attention get the same tokens: there v1 BG and v2 FG equal the default step (split = whole attention).
+    for name in ("v1 BG", "v2 FG"):
+        torch.testing.assert_close(steps[name].call(), default, rtol=1e-5, atol=1e-5)
+    for name in ("v1.5 BG", "v1.5 FG+BG", "v2 style", "v2 BG", "v2 style+BG"):
+        assert (steps[name].call() - default).abs().max() > 0.1, name
+    assert live_count() == 0
+    table = modes.report(steps, {name: 1.0 for name in steps if name != "default"})
+    assert all(f"| {name} |" in table for name in modes.MODES if name != "default")
