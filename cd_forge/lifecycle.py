@@ -105,8 +105,10 @@ def _prepare(p, state: ForgeGenerationState, choice: Any = AUTOMATIC) -> None:
     state.colorize, state.info = colorize, colorize.info
     shared_lifecycle.check_model_options(state.options, colorize.info)
     if state.options.enhanced:
-        raise InvalidInput("bg_enhance", "ColorizeDiffusion: " + model.FORGE_UNSUPPORTED.format(
-            what="the enhance modes (BG / FG / style enhance)"))
+        # InvalidInput adds the "ColorizeDiffusion: <key>:" prefix; the key is the mode that was asked for
+        key = next(name for name in ("bg_enhance", "fg_enhance", "style_enhance") if getattr(state.options, name))
+        raise InvalidInput(key, model.FORGE_UNSUPPORTED.format(what="the enhance modes (BG / FG / style enhance)",
+                                                               verb="run"))
     model.require_host(p.sd_model, colorize)
     p.extra_generation_params[INFOTEXT_CHECKPOINT] = colorize.name
     shared_lifecycle.prepare_conditioning(state, colorize.diffusion_model, dtype=colorize.computation_dtype)

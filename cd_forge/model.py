@@ -464,15 +464,17 @@ def build_sketch_encoder(path: str, dtype: torch.dtype) -> torch.nn.Module:
 _loaded: dict = {"model": None}
 
 
-#: what this adapter does not run yet, with the reason a user is given
-FORGE_UNSUPPORTED = "in Forge, ColorizeDiffusion runs the SD2.1 models' default mode; {what} runs in the AUTOMATIC1111 " \
-                    "webui and from the command line for now"
+#: what this adapter does not run yet, with the reason a user is given (``what``: the subject; ``verb``: "runs" or
+#: "run" to agree with it)
+FORGE_UNSUPPORTED = "in Forge, ColorizeDiffusion runs the SD2.1 models' default mode; {what} {verb} in the " \
+                    "AUTOMATIC1111 webui and from the command line for now"
 
 
 def require_supported_in_forge(info, name: str) -> None:
     """XL checkpoints are not hosted in Forge yet: a clear error, not a failed model build."""
     if info.family.is_xl:
-        raise ColorizeError("ColorizeDiffusion: " + FORGE_UNSUPPORTED.format(what=f"the XL checkpoint {name}"))
+        raise ColorizeError("ColorizeDiffusion: " + FORGE_UNSUPPORTED.format(
+            what=f"the XL checkpoint {name}", verb="runs"))
 
 
 def load_colorize_model(path: str) -> ColorizeModel:

@@ -507,6 +507,20 @@ def test_disabled_generation_with_a_colorize_file_as_main_model_is_refused(forge
     assert enabled.p.extra_generation_params["CD checkpoint"] == "mult-eps-tiny"
 
 
+@pytest.mark.parametrize("key", ["bg_enhance", "fg_enhance", "style_enhance"])
+def test_enhance_modes_are_refused_naming_the_mode_once(forge_webui, monkeypatch, key):
+    # the version check would refuse FG / style enhance on the tiny v1 file first; this is Forge's own refusal
+    monkeypatch.setattr(lifecycle.shared_lifecycle, "check_model_options", lambda options, info: None)
+    with pytest.raises(InvalidInput) as caught:
+        ForgeRun(forge_webui.engine, _args(_options(**{key: True}))).run()
+    error = caught.value
+    assert error.field == key
+    assert str(error).count("ColorizeDiffusion") == 2   # the prefix and the sentence, not a doubled prefix
+    assert str(error).startswith(f"ColorizeDiffusion: {key}: in Forge, ColorizeDiffusion runs")
+    assert "modes (BG / FG / style enhance) run in the AUTOMATIC1111 webui" in str(error)
+    assert live_count() == 0
+
+
 def test_hosts_that_cannot_serve_are_refused(forge_webui):
     engine = forge_webui.engine
     sdxl = Engine(engine.forge_objects.unet, engine.forge_objects.vae, name="sdxl-base", flags=("is_sdxl",))
