@@ -35,7 +35,8 @@ def notice_for(version: Optional[str]) -> str:
     """The section's note: the loaded version and what is hidden because of it."""
     if version is None:
         return ("No ColorizeDiffusion checkpoint is loaded: every enhance control is shown. BG enhance works with "
-                "every version, FG enhance with v1.5 and v2, Style enhance and Background factor with v2 only.")
+                "every version (XL included), FG enhance with v1.5 and v2, Style enhance and Background factor with v2 "
+                "only.")
     can = capabilities(version)
     hidden = [f"{_LABELS[k]} (needs {' or '.join(VERSION_LABELS[v] for v in VERSION_NEEDS[k])})"
               for k in VERSION_DEPENDENT if not can[k]]
@@ -126,7 +127,7 @@ def build_enhance_section(script, c: dict, slot_elem_id, enabled) -> None:
         return _tooltip(gr.Image(label=label, type="pil", source="upload", image_mode="RGB", height=IMAGE_HEIGHT,
                                  elem_id=slot_elem_id(script, name), elem_classes="cd-image"), STRUCTURED_FIELDS[name])
 
-    with gr.Accordion("Enhance: background, foreground, style (v1.5 / v2)", open=False,
+    with gr.Accordion("Enhance: background, foreground, style", open=False,
                       elem_id=script.elem_id("enhance_accordion")):
         notice = gr.HTML(f'<p class="cd-notice">{notice_for(version)}</p>', elem_id=script.elem_id("enhance_notice"))
         with gr.Row():
