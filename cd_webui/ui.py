@@ -212,9 +212,33 @@ def selected_version() -> Optional[str]:
         return None
 
 
+#: The slots inside each adaptive part. A hidden part's slots go back to their defaults: the model check refuses a
+#: non-default value of an option the model does not use (a sequence typed for v1, then an XL checkpoint chosen),
+#: and the user could not reach the hidden control to clear it.
+HIDDEN_DEFAULT_SLOTS = {"xl_row": (*SKETCH_LEVEL_FIELDS, "sketch_rope"), "layers_accordion": (ACCURATE_SLOT,),
+                        "manipulation_accordion": (MANIPULATIONS_SLOT, FORM_TARGET_SLOT),
+                        "return_heatmap": ("return_heatmap",), "level_scales.middle": ("level_scales.middle",),
+                        "level_scales.low": ("level_scales.low",)}
+
+
+def reset_slots() -> list:
+    """``(part, slot)`` of every slot a hidden part resets that is not the part itself, in output order (after
+    the :data:`ADAPTIVE_PARTS`)."""
+    return [(part, slot) for part, _ in ADAPTIVE_PARTS for slot in HIDDEN_DEFAULT_SLOTS.get(part, ()) if slot != part]
+
+
 def visibility_for(version: Optional[str]) -> list:
-    """``gr.update(visible=...)`` of each :data:`ADAPTIVE_PARTS` entry for a model version (None: all shown)."""
-    return [gr.update(visible=applies_to(option, version)) for _, option in ADAPTIVE_PARTS]
+    """The updates for a model version (None: all shown): ``visible`` of each :data:`ADAPTIVE_PARTS` entry, then
+    the :func:`reset_slots`, set to their defaults where their part is hidden (left alone where it is shown)."""
+    from .args import ui_defaults
+
+    defaults = ui_defaults()
+    shown = {part: applies_to(option, version) for part, option in ADAPTIVE_PARTS}
+    updates = [gr.update(visible=True) if shown[part] else
+               gr.update(visible=False, **({"value": defaults[part]} if part in defaults else {}))
+               for part, _ in ADAPTIVE_PARTS]
+    updates += [gr.update() if shown[part] else gr.update(value=defaults[slot]) for part, slot in reset_slots()]
+    return updates
 
 
 def bind_checkpoint_dropdown(script, dropdown) -> None:
@@ -436,7 +460,7 @@ def build_ui(script, is_img2img: bool, notice: str = NOTICE, host_controls: Opti
         _js=f"function(native, useInit){{ colorizeDiffusionUseSketchSize('{tab}', "
             f"'{slot_elem_id(script, 'sketch')}', native, useInit, '{script.elem_id('xl_row')}'); return []; }}")
 
-    adaptive = [parts[part] for part, _ in ADAPTIVE_PARTS]
+    adaptive = [parts[part] for part, _ in ADAPTIVE_PARTS] + [c[slot] for _, slot in reset_slots()]
     enabled.change(fn=lambda _on: visibility_for(selected_version()), inputs=[enabled], outputs=adaptive,
                    show_progress=False)
     script.cd_adaptive_parts = adaptive

@@ -684,3 +684,33 @@ def test_level_tooltips_name_the_layers_each_level_scale_changes():
 def test_window_tooltips_say_what_progress_is():
     for name in ("guidance_start", "guidance_end", "no_guidance_start", "no_guidance_end", "injection_start"):
         assert "1 - t/999" in FIELD_BY_NAME[name].tooltip and "not the fraction of steps" in FIELD_BY_NAME[name].tooltip
+
+
+# ------------------------------------------------------------------------------------ model adaptation
+def test_a_hidden_part_puts_its_controls_back_to_their_defaults(monkeypatch):
+    """A value set for one model must not be refused on another where its control is hidden (a sequence typed
+    for v1, then an XL checkpoint chosen): the adaptation resets what it hides and leaves the rest alone."""
+    from cd_webui.args import ui_defaults
+
+    script = FakeScript(False)
+    with gr.Blocks() as blocks:
+        components = cd_ui.build_ui(script, False)
+    slot_of = {component._id: slot for slot, component in zip(UI_ORDER, components)}
+    count = len(cd_ui.visibility_for(None))
+    index = next(i for i, d in enumerate(blocks.dependencies)
+                 if components[0]._id in d["targets"] and d["trigger"] == "change" and len(d["outputs"]) == count)
+    adapt, outputs = blocks.fns[index].fn, blocks.dependencies[index]["outputs"]
+
+    def values_for(version):
+        monkeypatch.setattr(cd_ui, "selected_version", lambda: version)
+        return {slot_of[i]: update["value"] for i, update in zip(outputs, adapt(True))
+                if i in slot_of and "value" in update}
+
+    defaults = ui_defaults()
+    xl_hidden = ["manipulations", "form.target", "accurate_layer_scales", "return_heatmap", "level_scales.middle",
+                 "level_scales.low"]
+    assert values_for("sdxl") == {slot: defaults[slot] for slot in xl_hidden}
+    assert values_for("xlv2") == {slot: defaults[slot] for slot in xl_hidden if slot != "level_scales.low"}
+    sd21_hidden = ["sketch_strength_1", "sketch_strength_2", "sketch_strength_3", "sketch_strength_4", "sketch_rope"]
+    assert values_for("v1") == {slot: defaults[slot] for slot in sd21_hidden}
+    assert values_for(None) == {}
