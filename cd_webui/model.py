@@ -638,7 +638,8 @@ def clear_caches(*, clip_too: bool = False) -> None:
 
 
 def on_model_loaded(sd_model) -> None:
-    """Drop the sketch encoder of another checkpoint; repair a missing schedule of a ColorizeDiffusion model."""
+    """Drop the sketch encoder and the XL sketch encoder of another checkpoint; repair a missing schedule of a
+    ColorizeDiffusion model."""
     path = checkpoint_path(sd_model)
     try:
         key = file_key(path) if path and os.path.isfile(path) else None
@@ -647,7 +648,6 @@ def on_model_loaded(sd_model) -> None:
     with _lock:
         if key not in _sketch_cache:
             _sketch_cache.clear()
-    with _lock:
         if _xl["key"] is not None and _xl["key"][0] != key:
             _xl.update(key=None, encoder=None)
     if is_colorize_model(sd_model):

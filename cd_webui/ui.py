@@ -58,7 +58,8 @@ from modules.ui_components import InputAccordion
 
 from . import model
 from .args import (ACCURATE_SLOT, FORM_SLOTS, FORM_TARGET_SLOT, INFOTEXT_ENABLED_SLOT, LAYER_NAMES, LAYER_SLOTS,
-                   LEVEL_LABELS, LEVEL_SLOTS, MANIPULATIONS_SLOT, SCALE_RANGE, UI_ORDER, USE_INIT_IMAGE_SLOT)
+                   LEVEL_LABELS, LEVEL_SLOTS, MANIPULATIONS_SLOT, SCALE_RANGE, UI_ORDER, USE_INIT_IMAGE_SLOT,
+                   ui_defaults)
 
 __all__ = ["build_ui", "NOTICE", "PASTE_FUNCTIONS", "TEXT_PASTE_SLOTS", "slot_elem_id", "add_manipulation",
            "visualize"]
@@ -230,12 +231,11 @@ def reset_slots() -> list:
 def visibility_for(version: Optional[str]) -> list:
     """The updates for a model version (None: all shown): ``visible`` of each :data:`ADAPTIVE_PARTS` entry, then
     the :func:`reset_slots`, set to their defaults where their part is hidden (left alone where it is shown)."""
-    from .args import ui_defaults
-
     defaults = ui_defaults()
     shown = {part: applies_to(option, version) for part, option in ADAPTIVE_PARTS}
+    # a part that is itself a slot (a checkbox, a slider) takes its default in the same update
     updates = [gr.update(visible=True) if shown[part] else
-               gr.update(visible=False, **({"value": defaults[part]} if part in defaults else {}))
+               gr.update(visible=False, **({"value": defaults[part]} if part in HIDDEN_DEFAULT_SLOTS[part] else {}))
                for part, _ in ADAPTIVE_PARTS]
     updates += [gr.update() if shown[part] else gr.update(value=defaults[slot]) for part, slot in reset_slots()]
     return updates

@@ -26,7 +26,7 @@ from .denoiser import guided_call, k_noised_reference
 from .errors import InvalidInput
 from .guidance import cross_attention_scales, xl_cross_attention_scales
 from . import processors as unet_processors
-from .family import family_of
+from .family import NATIVE_SIZES, family_of
 from .module_info import module_dtype
 from .options import NUM_ATTENTION_LAYERS, ColorizeOptions
 from .preprocess import (autofit_size, check_resolution, crop_to_box, default_size_for, prepare_reference,
@@ -221,8 +221,6 @@ class Colorizer:
 
     @property
     def native_size(self) -> int:
-        from .family import NATIVE_SIZES
-
         return NATIVE_SIZES.get(self.version, 512)
 
     def output_size(self, options: ColorizeOptions, sampling: SamplingOptions) -> tuple[int, int]:
