@@ -99,18 +99,20 @@ def on_ui_settings() -> None:
         shared.opts.add_option(key, shared.OptionInfo(default, label, section=SETTINGS_SECTION))
     try:
         import gradio as gr
-
-        component = {"component": gr.Radio, "component_args": {"choices": list(XL_ENCODER_CPU_DTYPES)}}
     except ImportError:  # pragma: no cover - the webui always has gradio
-        component = {}
+        gr = None
+
+    def radio(choices) -> dict:
+        return {"component": gr.Radio, "component_args": {"choices": list(choices)}} if gr is not None else {}
+
     shared.opts.add_option(SETTING_XL_ENCODER_DTYPE, shared.OptionInfo(
         "float32", "XL models on a CPU-only machine: precision of the reference encoders (CLIP ViT-bigG-14, "
-                   "1.8 B parameters; bfloat16 halves their memory)", section=SETTINGS_SECTION, **component))
+                   "1.8 B parameters; bfloat16 halves their memory)", section=SETTINGS_SECTION,
+        **radio(XL_ENCODER_CPU_DTYPES)))
     shared.opts.add_option(SETTING_CLIP_PRECISION, shared.OptionInfo(
         CLIP_PRECISIONS[0], "Precision of the reference encoder (OpenCLIP ViT-H): float32 as in the original, or "
                             "the webui's (float16 on most GPUs: half the memory, slightly different tokens)",
-        section=SETTINGS_SECTION, **({"component": gr.Radio, "component_args": {"choices": list(CLIP_PRECISIONS)}}
-                                     if component else {})))
+        section=SETTINGS_SECTION, **radio(CLIP_PRECISIONS)))
 
 
 def models_dir() -> str:
